@@ -1,0 +1,159 @@
+"""Every knob of retinamask-jax with its default.
+
+Defaults reproduce the authors' RetinaMask R-50-FPN 2x multi-scale model
+(`retinanet_mask_R-50-FPN_2x_adjust_std011_ms`, see `shared/reference/authors_code_spec.md` 1.2), with the
+global batch and learning rate written for 16 images (the LR is scaled linearly to `train.batch_size`).
+Other configs import this one and change a few keys. Keys marked (traced) reach the jitted train step as data
+in the `HParams` pytree, so changing them never recompiles (DESIGN.md 2.6).
+"""
+
+import math
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  # ---------------------------------------------------------------- model (static: shapes and structure)
+  c.model = ml_collections.ConfigDict()
+  # 0 = take the number of classes from the training dataset's categories.
+  c.model.num_classes = 0
+  # 'float32' or 'bfloat16': dtype of convolutions and heads; params stay float32, losses are float32.
+  c.model.compute_dtype = 'float32'
+  # Compute 1x1 convolutions as matmuls: numerically the same, much faster weight gradients on CPU.
+  c.model.conv1x1_as_matmul = True
+
+  c.model.backbone = ml_collections.ConfigDict()
+  c.model.backbone.depth = 50  # 18, 34, 50, 101
+  c.model.backbone.groups = 1  # ResNeXt cardinality (32 for X-101-32x8d)
+  c.model.backbone.width_per_group = 64  # ResNeXt bottleneck width per group (8 for X-101-32x8d)
+  c.model.backbone.base_width = 64  # stem / res2 channels before expansion; < 64 gives slim CPU backbones
+  c.model.backbone.stride_in_1x1 = True  # MSRA weights put the stride in the 1x1 conv; torchvision in the 3x3
+  c.model.backbone.norm = 'frozen_bn'  # 'frozen_bn' (pretrained), 'group_norm' (train from scratch)
+  c.model.backbone.freeze_at = 2  # 0 = nothing frozen, 1 = stem, 2 = stem + res2, ...
+  # '' = random init; else a directory with an Orbax checkpoint written by `retinamask_jax.convert`.
+  c.model.backbone_init = ''
+
+  c.model.fpn = ml_collections.ConfigDict()
+  c.model.fpn.channels = 256
+  c.model.fpn.norm = 'none'  # 'none' or 'group_norm' (GN after lateral and output convs)
+  c.model.fpn.p6_input = 'p5'  # 'p5' (authors, torchvision v1) or 'c5' (RetinaNet paper, Detectron)
+  c.model.fpn.min_level = 3
+  c.model.fpn.max_level = 7
+
+  c.model.head = ml_collections.ConfigDict()
+  c.model.head.width = 256
+  c.model.head.depth = 4
+  c.model.head.norm = 'none'  # 'none' or 'group_norm'
+  c.model.head.prior_prob = 0.01
+
+  c.model.anchors = ml_collections.ConfigDict()
+  c.model.anchors.preset = 'authors'  # 'authors' (Detectron rounding, centre at s/2) or 'torchvision'
+  c.model.anchors.sizes = (32, 64, 128, 256, 512)  # base size per level, P3..P7
+  c.model.anchors.aspect_ratios = (0.5, 1.0, 2.0)  # h / w
+  c.model.anchors.scales_per_octave = 3
+
+  c.model.box_coder = ml_collections.ConfigDict()
+  c.model.box_coder.weights = (10.0, 10.0, 5.0, 5.0)
+  c.model.box_coder.max_log_ratio = math.log(1000.0 / 16.0)  # clamp of dw, dh when decoding
+
+  # ---------------------------------------------------------------- mask branch
+  c.model.mask = ml_collections.ConfigDict()
+  c.model.mask.enabled = True
+  c.model.mask.min_level = 3  # ROI-Align levels (P3-P5 by default; 2 builds P2 for the mask branch only)
+  c.model.mask.max_level = 5
+  c.model.mask.canonical_level = 4
+  c.model.mask.canonical_size = 224.0
+  c.model.mask.pooler_resolution = 14
+  c.model.mask.sampling_ratio = 2
+  c.model.mask.aligned = False  # the authors' legacy ROI-Align
+  c.model.mask.resolution = 28  # logits resolution (pooler_resolution x 2 via the deconv)
+  c.model.mask.head_width = 256
+  c.model.mask.head_depth = 4
+  c.model.mask.proposal_iou = 0.5  # proposals with IoU >= this to a GT get a mask target
+  # Proposals the mask head runs on per image in training: positives first. 0 = all (detections + GT).
+  c.model.mask.max_proposals = 0
+  c.model.mask.num_masks_test = 50
+
+  # ---------------------------------------------------------------- anchor matching (traced)
+  c.matching = ml_collections.ConfigDict()
+  c.matching.positive_iou = 0.5
+  c.matching.negative_iou = 0.4
+  # Best-matching policy: 0.0 = any overlap (authors), 0.5 = plain RetinaNet, None = off.
+  c.matching.best_match_threshold = config_dict.placeholder(float)
+  c.matching.best_match_threshold = 0.0
+
+  # ---------------------------------------------------------------- losses (traced unless noted)
+  c.loss = ml_collections.ConfigDict()
+  c.loss.focal_alpha = 0.25
+  c.loss.focal_gamma = 2.0
+  c.loss.self_adjusting = True  # static: self-adjusting smooth L1 on/off
+  c.loss.beta = 0.11  # fixed smooth-L1 beta (used when self_adjusting is False)
+  c.loss.beta_max = 0.11  # cap of the self-adjusting beta, and the initial running mean
+  c.loss.self_adjusting_momentum = 0.1
+  c.loss.cls_weight = 1.0
+  c.loss.box_weight = 1.0
+  c.loss.mask_weight = 1.0
+
+  # ---------------------------------------------------------------- post-processing (inference and mask proposals)
+  c.postprocess = ml_collections.ConfigDict()
+  c.postprocess.score_threshold = 0.05
+  c.postprocess.pre_nms_top_k = 1000  # per level
+  c.postprocess.nms_iou = 0.4
+  c.postprocess.max_detections = 100
+
+  # ---------------------------------------------------------------- data
+  c.data = ml_collections.ConfigDict()
+  # Any COCO-format dataset: instances JSON + image folder. Unset: the shapes dataset is generated in the workdir.
+  c.data.train_json = ''
+  c.data.train_images = ''
+  c.data.val_json = ''
+  c.data.val_images = ''
+  c.data.min_sizes = (640, 800, 1000)  # shorter side in training, one drawn per batch
+  c.data.max_size = 1333  # longer side cap
+  c.data.test_min_size = 800
+  c.data.test_max_size = 1333
+  c.data.hflip_prob = 0.5
+  # Normalization: x = (pixel * pixel_range / 255 - mean) / std, channels in channel_order.
+  c.data.channel_order = 'bgr'
+  c.data.pixel_range = 255.0
+  c.data.pixel_mean = (102.9801, 115.9465, 122.7717)
+  c.data.pixel_std = (1.0, 1.0, 1.0)
+  c.data.max_instances = 100  # G: GT padded (or truncated, largest kept) to this many per image
+  c.data.mask_size = 112  # M: each GT mask is cropped to its box and resized to M x M
+  c.data.crowd = 'drop'  # 'drop' (authors) or 'ignore' (anchors overlapping crowd regions are ignored)
+  c.data.num_workers = 2
+  c.data.shapes = ml_collections.ConfigDict()
+  c.data.shapes.num_train = 2000
+  c.data.shapes.num_val = 200
+  c.data.shapes.image_size = (256, 384)  # (min, max) side of generated images
+  c.data.shapes.seed = 0
+
+  # ---------------------------------------------------------------- training
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 16  # global, split over all devices
+  c.train.num_steps = 180_000
+  c.train.base_lr = 0.01  # for train.lr_reference_batch images; scaled linearly to batch_size
+  c.train.lr_reference_batch = 16
+  c.train.lr_scale = 1.0  # (traced) multiplies the learning rate; for sweeps
+  c.train.lr_steps = (120_000, 160_000)
+  c.train.lr_decay = 0.1
+  c.train.warmup_steps = 500
+  c.train.warmup_factor = 1.0 / 3.0
+  c.train.momentum = 0.9
+  c.train.weight_decay = 1e-4
+  c.train.bias_lr_factor = 2.0
+  c.train.log_every_steps = 20
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 5000
+  c.checkpoint.keep = 3
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every_steps = 0  # 0 = only at the end of training
+  c.eval.batch_size = 8
+  c.eval.max_images = 0  # 0 = all
+  return c

@@ -1,0 +1,59 @@
+"""Independent numpy float64 references written from the spec (shared/reference/authors_code_spec.md).
+
+Plain loops and explicit formulas on purpose: they must not share code or vectorization tricks with the
+library they check. Boxes are continuous xyxy (area = (x2 - x1) * (y2 - y1)).
+"""
+
+import numpy as np
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+  """[M, 4], [K, 4] -> [M, K] float64; 0 where the union is 0."""
+  a = np.asarray(a, np.float64)
+  b = np.asarray(b, np.float64)
+  out = np.zeros((len(a), len(b)))
+  for i in range(len(a)):
+    for j in range(len(b)):
+      iw = max(0.0, min(a[i, 2], b[j, 2]) - max(a[i, 0], b[j, 0]))
+      ih = max(0.0, min(a[i, 3], b[j, 3]) - max(a[i, 1], b[j, 1]))
+      inter = iw * ih
+      area_a = max(0.0, a[i, 2] - a[i, 0]) * max(0.0, a[i, 3] - a[i, 1])
+      area_b = max(0.0, b[j, 2] - b[j, 0]) * max(0.0, b[j, 3] - b[j, 1])
+      union = area_a + area_b - inter
+      out[i, j] = inter / union if union > 0 else 0.0
+  return out
+
+
+def encode(boxes: np.ndarray, anchors: np.ndarray, weights=(10.0, 10.0, 5.0, 5.0)) -> np.ndarray:
+  """Box-coder targets (spec 4.3, continuous widths): [..., 4] float64."""
+  boxes = np.asarray(boxes, np.float64)
+  anchors = np.asarray(anchors, np.float64)
+  wx, wy, ww, wh = weights
+  aw = anchors[..., 2] - anchors[..., 0]
+  ah = anchors[..., 3] - anchors[..., 1]
+  acx = anchors[..., 0] + 0.5 * aw
+  acy = anchors[..., 1] + 0.5 * ah
+  gw = boxes[..., 2] - boxes[..., 0]
+  gh = boxes[..., 3] - boxes[..., 1]
+  gcx = boxes[..., 0] + 0.5 * gw
+  gcy = boxes[..., 1] + 0.5 * gh
+  return np.stack(
+      [wx * (gcx - acx) / aw, wy * (gcy - acy) / ah, ww * np.log(gw / aw), wh * np.log(gh / ah)], -1
+  )
+
+
+def decode(deltas, anchors, weights=(10.0, 10.0, 5.0, 5.0), max_log_ratio=np.log(1000.0 / 16)):
+  """Inverse of `encode`, dw/dh clamped from above at max_log_ratio: [..., 4] float64."""
+  deltas = np.asarray(deltas, np.float64)
+  anchors = np.asarray(anchors, np.float64)
+  wx, wy, ww, wh = weights
+  aw = anchors[..., 2] - anchors[..., 0]
+  ah = anchors[..., 3] - anchors[..., 1]
+  acx = anchors[..., 0] + 0.5 * aw
+  acy = anchors[..., 1] + 0.5 * ah
+  dx, dy = deltas[..., 0] / wx, deltas[..., 1] / wy
+  dw = np.minimum(deltas[..., 2] / ww, max_log_ratio)
+  dh = np.minimum(deltas[..., 3] / wh, max_log_ratio)
+  cx, cy = dx * aw + acx, dy * ah + acy
+  w, h = np.exp(dw) * aw, np.exp(dh) * ah
+  return np.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], -1)
