@@ -21,6 +21,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   # 0 = take the number of classes from the training dataset's categories.
   c.model.num_classes = 0
+  # Filled in from the training dataset when training starts (saved with checkpoints, used by predict/export):
+  # category_ids[k - 1] is the dataset category id of contiguous class k.
+  c.model.category_ids = ()
+  c.model.class_names = ()
   # 'float32' or 'bfloat16': dtype of convolutions and heads; params stay float32, losses are float32.
   c.model.compute_dtype = 'float32'
   # Compute 1x1 convolutions as matmuls: numerically the same, much faster weight gradients on CPU.
@@ -34,8 +38,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.backbone.stride_in_1x1 = True  # MSRA weights put the stride in the 1x1 conv; torchvision in the 3x3
   c.model.backbone.norm = 'frozen_bn'  # 'frozen_bn' (pretrained), 'group_norm' (train from scratch)
   c.model.backbone.freeze_at = 2  # 0 = nothing frozen, 1 = stem, 2 = stem + res2, ...
-  # '' = random init; else a directory with an Orbax checkpoint written by `retinamask_jax.convert`.
-  c.model.backbone_init = ''
 
   c.model.fpn = ml_collections.ConfigDict()
   c.model.fpn.channels = 256
@@ -144,7 +146,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.warmup_steps = 500
   c.train.warmup_factor = 1.0 / 3.0
   c.train.momentum = 0.9
-  c.train.weight_decay = 1e-4
+  c.train.weight_decay = 1e-4  # on conv/dense kernels
+  c.train.weight_decay_norm = 0.0  # on GroupNorm scales (the authors use weight_decay; their GN configs set it)
   c.train.bias_lr_factor = 2.0
   c.train.log_every_steps = 20
 
