@@ -1,0 +1,211 @@
+"""Building blocks shared by the backbone, FPN and heads: conv, frozen BN, GroupNorm, norm factory.
+
+Every module here takes a compute `dtype` (float32 or bfloat16) and keeps its parameters in float32
+(`param_dtype`). Layout is NHWC; kernels are HWIO (`[kh, kw, Cin / groups, Cout]`), as in `flax.linen.Conv`,
+so a PyTorch OIHW weight converts with `w.transpose(2, 3, 1, 0)`.
+
+Paddings are explicit and symmetric, like PyTorch's: flax's 'SAME' pads (0, 1) for a stride-2 3x3 conv where
+PyTorch pads (1, 1), which would shift every strided feature map by a pixel against converted weights.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+ModuleDef = Any
+
+NORMS = ('frozen_bn', 'group_norm', 'none')
+
+# torchvision ResNet / the authors' mask head: kaiming_normal_(mode='fan_out', nonlinearity='relu').
+kaiming_normal_fan_out = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+# Caffe2 "XavierFill" = PyTorch kaiming_uniform_(a=1): U(-b, b) with b = sqrt(3 / fan_in) (FPN, P6/P7).
+kaiming_uniform_a1 = nn.initializers.variance_scaling(1.0, 'fan_in', 'uniform')
+
+
+def _pair(v: int | Sequence[int]) -> tuple[int, int]:
+  if isinstance(v, int):
+    return (v, v)
+  a, b = v
+  return (int(a), int(b))
+
+
+class Conv(nn.Module):
+  """2-D convolution with PyTorch-style symmetric padding; a drop-in for `nn.Conv` parameter-wise.
+
+  Parameters: `kernel` [kh, kw, Cin / feature_group_count, features] and, when `use_bias`, `bias` [features],
+  exactly the names and shapes of `nn.Conv`, so checkpoints do not depend on `as_matmul`.
+
+  Attributes:
+    features: output channels.
+    kernel_size: (kh, kw) or an int.
+    strides: (sh, sw) or an int.
+    padding: symmetric zero padding per spatial dim, (ph, pw) or an int (PyTorch's `padding`).
+    feature_group_count: groups (ResNeXt cardinality).
+    use_bias: add a bias.
+    as_matmul: compute an unpadded, ungrouped 1x1 conv as `x[:, ::sh, ::sw] @ kernel[0, 0]`. Numerically the
+      same as the convolution; on CPU the weight gradient of a matmul is much faster than that of a conv.
+    dtype: compute dtype (inputs and kernel are cast to it); param_dtype: parameter dtype.
+  """
+
+  features: int
+  kernel_size: int | Sequence[int] = (3, 3)
+  strides: int | Sequence[int] = 1
+  padding: int | Sequence[int] = 0
+  feature_group_count: int = 1
+  use_bias: bool = True
+  as_matmul: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  kernel_init: Initializer = kaiming_normal_fan_out
+  bias_init: Initializer = nn.initializers.zeros_init()
+  precision: Any = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [N, H, W, Cin] -> [N, H', W', features] in `dtype`."""
+    kh, kw = _pair(self.kernel_size)
+    sh, sw = _pair(self.strides)
+    ph, pw = _pair(self.padding)
+    cin = x.shape[-1]
+    if cin % self.feature_group_count:
+      raise ValueError(f'{cin} input channels are not divisible by {self.feature_group_count} groups')
+    kernel = self.param(
+        'kernel', self.kernel_init, (kh, kw, cin // self.feature_group_count, self.features), self.param_dtype
+    )
+    x = x.astype(self.dtype)
+    kernel = kernel.astype(self.dtype)
+    if self.as_matmul and (kh, kw, ph, pw, self.feature_group_count) == (1, 1, 0, 0, 1):
+      # Output pixel i of an unpadded 1x1 conv with stride s reads input pixel s * i.
+      y = jnp.einsum('nhwc,cd->nhwd', x[:, ::sh, ::sw, :], kernel[0, 0], precision=self.precision)
+    else:
+      y = jax.lax.conv_general_dilated(
+          x,
+          kernel,
+          window_strides=(sh, sw),
+          padding=((ph, ph), (pw, pw)),
+          dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+          feature_group_count=self.feature_group_count,
+          precision=self.precision,
+      )
+    if self.use_bias:
+      bias = self.param('bias', self.bias_init, (self.features,), self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+class ConvTransposeNonOverlapping(nn.Module):
+  """Transposed convolution whose kernel equals its stride (the mask head's 2x2/2 "deconv").
+
+  With kernel == stride the output windows do not overlap: input pixel (i, j) writes `x[i, j] @ kernel[a, b]` to
+  output pixel (f*i + a, f*j + b). That is one matmul and a reshape. Same function as PyTorch's
+  `ConvTranspose2d(Cin, Cout, f, stride=f)` with `kernel[a, b, c, o] = weight[c, o, a, b]` (no flip).
+
+  Parameters: `kernel` [f, f, Cin, features], `bias` [features].
+  """
+
+  features: int
+  factor: int = 2
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  # PyTorch's kaiming_normal_(mode='fan_out') on a ConvTranspose2d weight [Cin, Cout, f, f] takes
+  # fan_out = Cin * f * f (its dim 0); in_axis / out_axis swapped reproduces that.
+  kernel_init: Initializer = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal', in_axis=-1, out_axis=-2)
+  bias_init: Initializer = nn.initializers.zeros_init()
+  precision: Any = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [N, H, W, Cin] -> [N, f*H, f*W, features] in `dtype`."""
+    f = self.factor
+    n, h, w, cin = x.shape
+    kernel = self.param('kernel', self.kernel_init, (f, f, cin, self.features), self.param_dtype)
+    y = jnp.einsum('nhwc,abco->nhawbo', x.astype(self.dtype), kernel.astype(self.dtype), precision=self.precision)
+    y = y.reshape(n, h * f, w * f, self.features)
+    if self.use_bias:
+      bias = self.param('bias', self.bias_init, (self.features,), self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+class FrozenBatchNorm(nn.Module):
+  """Fixed per-channel affine y = x * scale + bias (spec section 7 / 10, "Frozen BN").
+
+  `scale` and `bias` [C] live in the `frozen` collection: never in `params`, never seen by the optimizer.
+  They start at 1 and 0; converters fold BN statistics into them: scale = gamma / sqrt(var + eps),
+  bias = beta - mean * scale (eps = 0 for the MSRA C2 weights, 1e-5 for torchvision's).
+  """
+
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [..., C] -> [..., C] in `dtype`."""
+    c = x.shape[-1]
+    scale = self.variable('frozen', 'scale', lambda: jnp.ones((c,), self.param_dtype))
+    bias = self.variable('frozen', 'bias', lambda: jnp.zeros((c,), self.param_dtype))
+    return x.astype(self.dtype) * scale.value.astype(self.dtype) + bias.value.astype(self.dtype)
+
+
+def num_groups_for(channels: int, max_groups: int = 32) -> int:
+  """GroupNorm group count: `max_groups` (32) when it divides `channels`, else the largest divisor <= it."""
+  for g in range(min(max_groups, channels), 0, -1):
+    if channels % g == 0:
+      return g
+  raise ValueError(f'channels must be positive, got {channels}')
+
+
+class GroupNorm(nn.Module):
+  """GroupNorm over the last axis (PyTorch `nn.GroupNorm` semantics: biased variance, eps inside the sqrt).
+
+  The group count is chosen from the channel count at call time (`num_groups_for`), so slim widths work.
+  Statistics are computed in float32 whatever the compute dtype. Parameters: `scale` [C] (init 1), `bias` [C]
+  (init 0), the names of `nn.GroupNorm`.
+  """
+
+  max_groups: int = 32
+  epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [N, ..., C] -> same shape in `dtype`."""
+    c = x.shape[-1]
+    g = num_groups_for(c, self.max_groups)
+    scale = self.param('scale', nn.initializers.ones_init(), (c,), self.param_dtype)
+    bias = self.param('bias', nn.initializers.zeros_init(), (c,), self.param_dtype)
+    x32 = x.astype(jnp.float32).reshape(*x.shape[:-1], g, c // g)
+    axes = tuple(range(1, x32.ndim - 2)) + (x32.ndim - 1,)
+    mean = jnp.mean(x32, axis=axes, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=axes, keepdims=True)
+    y = ((x32 - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+    return (y * scale + bias).astype(self.dtype)
+
+
+def _identity(x: jax.Array) -> jax.Array:
+  return x
+
+
+def make_norm(kind: str, dtype: Dtype = jnp.float32) -> Callable[..., Callable[[jax.Array], jax.Array]]:
+  """Norm factory: `make_norm(kind, dtype)(name=...)` -> a layer `[..., C] -> [..., C]`.
+
+  kind: 'frozen_bn' (FrozenBatchNorm, `frozen` collection), 'group_norm' (GroupNorm, 32 groups or the largest
+  divisor of C below, eps 1e-5), or 'none' (identity; creates nothing).
+  """
+  if kind == 'frozen_bn':
+    return functools.partial(FrozenBatchNorm, dtype=dtype)
+  if kind == 'group_norm':
+    return functools.partial(GroupNorm, dtype=dtype)
+  if kind == 'none':
+    return lambda name=None: _identity
+  raise ValueError(f'unknown norm {kind!r}; expected one of {NORMS}')
