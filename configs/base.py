@@ -110,6 +110,9 @@ def get_config() -> ml_collections.ConfigDict:
   # ---------------------------------------------------------------- data
   c.data = ml_collections.ConfigDict()
   # Any COCO-format dataset: instances JSON + image folder. Unset: the shapes dataset is generated in the workdir.
+  # Or a COCO 2017 root: <root>/annotations/instances_{train,val}2017.json and <root>/{train,val}2017/ fill the
+  # four keys below where they are unset.
+  c.data.coco_root = ''
   c.data.train_json = ''
   c.data.train_images = ''
   c.data.val_json = ''
@@ -146,6 +149,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.warmup_steps = 500
   c.train.warmup_factor = 1.0 / 3.0
   c.train.momentum = 0.9
+  c.train.optimizer = 'sgd'  # 'sgd' (authors) or 'adamw' (decoupled weight decay; short from-scratch runs)
+  c.train.lr_schedule = 'steps'  # 'steps' (warmup, then x lr_decay at lr_steps) or 'cosine' (warmup, cosine to 0)
   c.train.weight_decay = 1e-4  # on conv/dense kernels
   c.train.weight_decay_norm = 0.0  # on GroupNorm scales (the authors use weight_decay; their GN configs set it)
   c.train.bias_lr_factor = 2.0
@@ -159,4 +164,5 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.every_steps = 0  # 0 = only at the end of training
   c.eval.batch_size = 8
   c.eval.max_images = 0  # 0 = all
+  c.eval.num_prediction_images = 8  # validation images drawn with detections into <workdir>/predictions at the end
   return c

@@ -42,7 +42,10 @@ def encode(boxes: np.ndarray, anchors: np.ndarray, weights=(10.0, 10.0, 5.0, 5.0
   )
 
 
-def decode(deltas, anchors, weights=(10.0, 10.0, 5.0, 5.0), max_log_ratio=np.log(1000.0 / 16)):
+MAX_LOG_RATIO = float(np.log(1000.0 / 16))
+
+
+def decode(deltas, anchors, weights=(10.0, 10.0, 5.0, 5.0), max_log_ratio=MAX_LOG_RATIO):
   """Inverse of `encode`, dw/dh clamped from above at max_log_ratio: [..., 4] float64."""
   deltas = np.asarray(deltas, np.float64)
   anchors = np.asarray(anchors, np.float64)

@@ -16,9 +16,9 @@ from pycocotools import mask as mask_utils
 
 from configs import base
 from retinamask_jax.data import coco as coco_lib
-from retinamask_jax.data.coco import ImageRecord
 from retinamask_jax.data import pipeline, shapes
 from retinamask_jax.data import transforms as T
+from retinamask_jax.data.coco import ImageRecord
 
 pytestmark = pytest.mark.filterwarnings('ignore:__array__ implementation:DeprecationWarning')
 

@@ -90,7 +90,7 @@ def _run_numpy(config, steps, lr_scale=1.0, norm_decay=0.0):
     lr = authors_lr(s + 1, peak, t.warmup_steps, t.warmup_factor, t.lr_steps, t.lr_decay) * lr_scale
     grads = jax.tree.map(lambda g: np.asarray(g, np.float64), _grads(s))
 
-    def update(w, g, v, group):
+    def update(w, g, v, group, lr=lr):
       if group == 'frozen':
         return w, v
       wd = {'weight': t.weight_decay, 'bias': 0.0, 'norm': norm_decay}[group]
@@ -157,3 +157,57 @@ def test_sgd_matches_torch_optim():
   for path, value in jax.tree_util.tree_flatten_with_path(ours.params)[0]:
     key = jax.tree_util.keystr(path)
     np.testing.assert_allclose(np.asarray(value), tensors[key].detach().numpy(), rtol=2e-5, atol=1e-6)
+
+
+def test_cosine_schedule_hand_values():
+  c = small_config(batch_size=16)
+  c.train.lr_schedule = 'cosine'
+  c.train.num_steps = 25
+  schedule = optim.learning_rate(c)
+  peak = c.train.base_lr
+  # Warmup as the authors' over iterations 1..4; from iteration 5 a half cosine over the remaining 20 to 0.
+  for count, expected in ((0, peak * (1 / 3 * 0.8 + 0.2)), (4, peak), (14, peak * 0.5), (24, 0.0), (30, 0.0)):
+    np.testing.assert_allclose(float(schedule(count)), expected, rtol=1e-6, atol=1e-12)
+  c.train.lr_schedule = 'linear'
+  with pytest.raises(ValueError, match='lr_schedule'):
+    optim.learning_rate(c)
+
+
+def test_adamw_matches_written_out_reference():
+  """Adam moments (b1 0.9, b2 0.999, eps 1e-8, bias-corrected), then decoupled decay, per group, frozen untouched."""
+  c = small_config(batch_size=16)
+  c.train.optimizer = 'adamw'
+  c.train.weight_decay = 0.05
+  c.train.weight_decay_norm = 0.0
+  params = _params()
+  tx = optim.make_optimizer(c, params, _frozen_mask(params))
+  opt_state = tx.init(params)
+  schedule = optim.learning_rate(c)
+  groups = optim.param_labels(params, _frozen_mask(params))
+  ref = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
+  m = jax.tree.map(np.zeros_like, ref)
+  v = jax.tree.map(np.zeros_like, ref)
+  rng = np.random.default_rng(1)
+  for step in range(3):
+    grads = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = jax.tree.map(lambda p, u: p + u, params, updates)
+    lr = float(schedule(step))
+
+    def update(w, g, m_, v_, group, step=step, lr=lr):
+      if group == 'frozen':
+        return w, m_, v_
+      g = np.asarray(g, np.float64)
+      m_ = 0.9 * m_ + 0.1 * g
+      v_ = 0.999 * v_ + 0.001 * g * g
+      u = (m_ / (1 - 0.9 ** (step + 1))) / (np.sqrt(v_ / (1 - 0.999 ** (step + 1))) + 1e-8)
+      wd = {'weight': 0.05, 'norm': 0.0, 'bias': 0.0}[group]
+      factor = c.train.bias_lr_factor if group == 'bias' else 1.0
+      return w - lr * factor * (u + wd * w), m_, v_
+
+    out = jax.tree.map(update, ref, grads, m, v, groups)
+    is_triple = lambda x: isinstance(x, tuple)
+    ref = jax.tree.map(lambda t: t[0], out, is_leaf=is_triple)
+    m = jax.tree.map(lambda t: t[1], out, is_leaf=is_triple)
+    v = jax.tree.map(lambda t: t[2], out, is_leaf=is_triple)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), b, rtol=1e-5, atol=1e-6), params, ref)

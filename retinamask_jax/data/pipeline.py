@@ -137,7 +137,7 @@ class _Settings:
 # ---------------------------------------------------------------------------------------- one image
 
 
-def _decode(record: ImageRecord) -> np.ndarray:
+def load_record_image(record: ImageRecord) -> np.ndarray:
   """uint8 [height, width, 3] of the record; raises DataError when unreadable."""
   source: str | bytes = record.file_name
   if record.image_bytes is not None:
@@ -356,7 +356,7 @@ class _TrainBatch:
         continue
       record = self.records[r]
       try:
-        return record, _decode(record)
+        return record, load_record_image(record)
       except T.DataError as e:
         self.bad.add(r)
         T.report_once(
@@ -496,7 +496,7 @@ class _EvalBatch:
         continue
       record = self.records[r]
       try:
-        image = _decode(record)
+        image = load_record_image(record)
       except T.DataError as e:
         T.report_once('unreadable_image', record.file_name, '%s; not evaluated', e)
         continue

@@ -22,6 +22,8 @@ import jax.numpy as jnp
 from retinamask_jax.models import layers
 from retinamask_jax.models.layers import Dtype
 
+_ZEROS = nn.initializers.zeros_init()
+
 
 class RetinaNetHead(nn.Module):
   """Two towers (cls, box) of `depth` x [conv3x3 + (GN) + ReLU] and a 3x3 predictor each, shared by all levels.
@@ -49,7 +51,7 @@ class RetinaNetHead(nn.Module):
       raise ValueError(f"head norm must be 'none' or 'group_norm', got {self.norm!r}")
     conv_init = nn.initializers.normal(0.01)
 
-    def conv(features, bias_init=nn.initializers.zeros_init()):
+    def conv(features, bias_init=_ZEROS):
       return layers.Conv(
           features, (3, 3), padding=1, dtype=self.dtype, kernel_init=conv_init, bias_init=bias_init
       )

@@ -49,6 +49,14 @@ def prepare_datasets(
 ) -> tuple[coco_lib.CocoDataset, coco_lib.CocoDataset | None]:
   """The training and validation datasets; the shapes dataset is generated in the workdir when none is set."""
   d = config.data
+  if d.get('coco_root'):
+    root = d.coco_root
+    with config.unlocked():
+      for split in ('train', 'val'):
+        if not d[f'{split}_json']:
+          d[f'{split}_json'] = os.path.join(root, 'annotations', f'instances_{split}2017.json')
+        if not d[f'{split}_images']:
+          d[f'{split}_images'] = os.path.join(root, f'{split}2017')
   if not d.train_json:
     root = os.path.join(workdir, 'data', 'shapes')
     s = d.shapes
@@ -199,6 +207,18 @@ def run_evaluation(
   return metrics
 
 
+def _write_sample_predictions(config, model, variables, dataset: coco_lib.CocoDataset, out_dir: str) -> None:
+  """PNGs of the first `eval.num_prediction_images` validation images with the final model's detections."""
+  from retinamask_jax import export
+
+  records = dataset.records[: config.eval.num_prediction_images]
+  images = [pipeline_lib.load_record_image(r) for r in records]
+  names = [os.path.splitext(os.path.basename(r.file_name))[0] for r in records]
+  detector = export.Detector(model, config, jax.device_get(variables))
+  export.write_predictions(detector, images, out_dir, names=names, score_threshold=0.3)
+  print(f'prediction images: {out_dir}', flush=True)
+
+
 # ------------------------------------------------------------------------------------------------ main loop
 
 
@@ -300,6 +320,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       final = run_evaluation(config, model, state.variables, val_ds,
                              os.path.join(workdir, 'eval', f'step_{step}'), mesh)
       writer.write(step, final, kind='eval')
+    if is_main and config.eval.num_prediction_images:
+      _write_sample_predictions(config, model, state.variables, val_ds, os.path.join(workdir, 'predictions'))
   checkpointer.close()
   writer.close()
   return final

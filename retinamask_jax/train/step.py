@@ -222,7 +222,7 @@ def make_train_step(
     state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
     metrics['nonfinite'] = 1.0 - ok.astype(jnp.float32)
     metrics['lr'] = schedule(state.step - 1) * state.hparams.lr_scale
-    metrics['grad_norm'] = optax.global_norm(grads)
+    metrics['grad_norm'] = optax.tree.norm(grads)
     return state, metrics
 
   return train_step

@@ -1,0 +1,88 @@
+"""What the entry points (train.py, eval.py, predict.py) run once flags are parsed.
+
+Expected failures (a bad config, missing data, a checkpoint that does not fit) end the process with a one-line
+reason on stderr and a non-zero exit code; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import ml_collections
+from absl import flags
+
+EXIT_USAGE = 2
+
+
+class _OwnInfoOnly(logging.Filter):
+  """Keeps our INFO lines and everyone's warnings; drops the libraries' INFO chatter (Orbax logs ~20 per save)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or f'{os.sep}retinamask_jax{os.sep}' in record.pathname
+
+
+def _quiet_libraries() -> None:
+  if 'verbosity' in flags.FLAGS and flags.FLAGS['verbosity'].present:
+    return  # the user asked for a level: give them everything at it
+  for handler in logging.getLogger('absl').handlers + logging.getLogger().handlers:
+    handler.addFilter(_OwnInfoOnly())
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+  from retinamask_jax.data.transforms import DataError
+  from retinamask_jax.train.checkpoint import ShapeMismatchError
+  from retinamask_jax.train.loop import ConfigError
+
+  return (ConfigError, ShapeMismatchError, DataError, FileNotFoundError)
+
+
+def run(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+  """Calls fn; an expected failure becomes `error: <reason>` on stderr and exit code 2."""
+  _quiet_libraries()
+  try:
+    return fn(*args, **kwargs)
+  except _expected_errors() as e:
+    print(f'error: {e}', file=sys.stderr, flush=True)
+    sys.exit(EXIT_USAGE)
+
+
+def _print_metrics(metrics: dict[str, float]) -> None:
+  for kind in ('bbox', 'segm'):
+    row = [f'{name} {100 * metrics[f"{kind}/{name}"]:.1f}' for name in ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl')
+           if f'{kind}/{name}' in metrics]
+    if row:
+      print(f'{"box " if kind == "bbox" else "mask"} {"  ".join(row)}', flush=True)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  from retinamask_jax.train import loop
+
+  metrics = loop.train_and_evaluate(config, workdir)
+  _print_metrics(metrics)
+  return metrics
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None = None) -> dict[str, float]:
+  from retinamask_jax.train import loop
+
+  metrics = loop.evaluate_checkpoint(config, workdir, step)
+  _print_metrics(metrics)
+  print(f'results: {os.path.join(os.path.abspath(workdir), "eval", "step_" + str(metrics["step"]))}', flush=True)
+  return metrics
+
+
+def predict(
+    workdir: str, images: list[str], out_dir: str | None, *, step: int | None = None, score_threshold: float = 0.3
+) -> list[str]:
+  """Runs the checkpoint in `workdir` on `images`; writes one PNG per image and detections.json to out_dir."""
+  from retinamask_jax import export
+
+  detector = export.Detector.from_checkpoint(workdir, step)
+  out_dir = out_dir or os.path.join(workdir, 'predictions')
+  paths = export.write_predictions(detector, images, out_dir, score_threshold=score_threshold)
+  print(f'wrote {len(paths)} images and detections.json to {os.path.abspath(out_dir)}', flush=True)
+  return paths
