@@ -1,29 +1,20 @@
 """A config whose train step takes about a second on 2 CPU cores, for tests, smoke runs and checks.
 
-Slim ResNet-18 with GroupNorm (trained from scratch), narrow FPN and heads, the mask branch on, a 128 x 128 canvas
-(both orientations), and a small shapes dataset generated in the workdir.
+The default recipe (`configs/shapes.py`: GN ResNet-18 from scratch, the mask branch on) at half its width, on a
+128 x 128 canvas (both orientations) and a small shapes dataset generated in the workdir.
 """
 
 import ml_collections
 
-from configs import base
+from configs import shapes
 
 
 def get_config() -> ml_collections.ConfigDict:
-  c = base.get_config()
-  c.model.backbone.depth = 18
+  c = shapes.get_config()
   c.model.backbone.base_width = 16
-  c.model.backbone.norm = 'group_norm'
-  c.model.backbone.freeze_at = 0
   c.model.fpn.channels = 32
-  c.model.fpn.norm = 'group_norm'
   c.model.head.width = 32
-  c.model.head.depth = 2
-  c.model.head.norm = 'group_norm'
-  c.model.anchors.sizes = (16, 32, 64, 128, 256)
   c.model.mask.head_width = 32
-  c.model.mask.head_depth = 2
-  c.model.mask.max_proposals = 32
 
   c.data.min_sizes = (128,)
   c.data.max_size = 128
@@ -38,11 +29,11 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.train.batch_size = 2
   c.train.num_steps = 20
-  c.train.base_lr = 0.01
+  c.train.base_lr = 0.002
   c.train.lr_reference_batch = 2
   c.train.warmup_steps = 5
-  c.train.lr_steps = (15,)
   c.train.log_every_steps = 5
   c.checkpoint.every_steps = 10
   c.eval.batch_size = 4
+  c.eval.num_prediction_images = 2
   return c

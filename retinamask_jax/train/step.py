@@ -182,6 +182,30 @@ def compute_loss(
   return total, (metrics, new_stats)
 
 
+def make_detection_loss(
+    model: nn.Module, config: ml_collections.ConfigDict
+) -> Callable[..., tuple[jnp.ndarray, dict[str, jnp.ndarray], PyTree]]:
+  """Jitted `detection_loss(variables, batch, hparams=None) -> (loss, aux, new_loss_stats)`.
+
+  variables: `{'params', 'frozen', 'loss_stats'}` (as `build_model`'s init returns them); batch: the training batch
+  contract of DESIGN.md 4 (`image [N, H, W, 3] float32`, `image_size [N, 2] int32`, `gt_boxes [N, G, 4]`,
+  `gt_classes [N, G] int32`, `gt_masks [N, G, M, M]`); hparams: the traced knobs (default: from `config`).
+  Returns the total loss (float32 []), aux metrics (cls/box/mask losses, counts, beta) and the updated
+  self-adjusting statistics. The mask loss is included when the mask branch is on.
+  """
+  default_hparams = HParams.from_config(config)
+
+  @jax.jit
+  def detection_loss(variables: PyTree, batch: Batch, hparams: HParams | None = None):
+    hparams = default_hparams if hparams is None else hparams
+    loss, (aux, new_stats) = compute_loss(
+        model, config, variables['params'], variables.get('frozen', {}), variables['loss_stats'], hparams, batch
+    )
+    return loss, aux, new_stats
+
+  return detection_loss
+
+
 def _all_finite(tree: PyTree) -> jnp.ndarray:
   leaves = jax.tree.leaves(tree)
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
