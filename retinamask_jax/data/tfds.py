@@ -3,11 +3,13 @@
 Maps the features of TFDS `coco/2017`-style datasets into the records `coco.load_coco` makes, so the
 same pipeline, rules and evaluation apply:
   image          encoded image (read undecoded: PIL decodes it in the pipeline)
-  image/id       -> image_id (default: the example index + 1)
+  image/id       -> image_id (default: the example index + 1); an example repeating an earlier id is
+                 skipped with its objects (counted in `report['duplicate_image_id']`)
   image/filename -> file_name, for messages only (default: '<split>[<index>]')
   objects/bbox   normalized (ymin, xmin, ymax, xmax) -> pixel xyxy
   objects/label  ClassLabel 0..K-1 -> class 1..K (class names from the ClassLabel)
-  objects/is_crowd, objects/id (annotation ids), objects/area
+  objects/is_crowd, objects/id (annotation ids)
+  objects/area   -> area (for COCOeval's area ranges; default: the mask's pixel count, else the box's)
   objects/mask   optional: per-object masks [H, W] or [H, W, 1] -> compressed RLE (when absent, the
                  mask targets are the filled boxes; TFDS `coco/2017` has no masks)
 Through a COCO-format dict, so boxes are clipped, degenerate ones dropped, crowd handled
@@ -33,6 +35,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from absl import logging
 from PIL import Image
 from pycocotools import mask as mask_utils
 
@@ -110,12 +113,17 @@ def load_tfds(
   source = _source(builder_dir, split)
 
   images, annotations, refs, has_masks = [], [], {}, False
+  duplicates: list[int] = []
   for index in range(len(source)):
     ex = source[index]
+    image_id = int(ex.get('image/id', index + 1))
+    if image_id in refs:
+      # Skipped whole: passed on, its objects would join the first example's (annotations link by image id).
+      duplicates.append(index)
+      continue
     data = ex['image']
     with Image.open(io.BytesIO(data)) as img:  # header only: the size
       width, height = img.size
-    image_id = int(ex.get('image/id', index + 1))
     file_name = ex.get('image/filename') or f'{split}[{index}]'
     if isinstance(file_name, bytes):
       file_name = file_name.decode()
@@ -127,6 +135,7 @@ def load_tfds(
     labels = _column(objects, 'label', n, 0)
     crowd_flags = _column(objects, 'is_crowd', n, False)
     ann_ids = _column(objects, 'id', n, None)
+    areas = _column(objects, 'area', n, None)
     masks = objects.get('mask')
     has_masks = has_masks or masks is not None
     for k in range(n):
@@ -138,14 +147,22 @@ def load_tfds(
         'image_id': image_id,
         'category_id': int(category_ids[int(labels[k])]),
         'bbox': [float(x), float(y), float(w), float(h)],
-        'area': float(w * h),
         'iscrowd': int(bool(crowd_flags[k])),
       }
+      mask_area = None
       if masks is not None:
-        m = np.asarray(masks[k]).reshape(height, width).astype(np.uint8)
-        rle = mask_utils.encode(np.asfortranarray(m > 0, dtype=np.uint8))
+        m = np.asarray(masks[k]).reshape(height, width) > 0
+        rle = mask_utils.encode(np.asfortranarray(m, dtype=np.uint8))
         ann['segmentation'] = {'size': [height, width], 'counts': rle['counts'].decode('ascii')}
-        ann['area'] = float(m.astype(bool).sum())
+        mask_area = float(m.sum())
+      # The dataset's own area first (COCO's: the mask's, not the box's): COCOeval sorts ground truth
+      # into its small/medium/large ranges by it, so another area changes those numbers.
+      if areas[k] is not None:
+        ann['area'] = float(areas[k])
+      elif mask_area is not None:
+        ann['area'] = mask_area
+      else:
+        ann['area'] = float(w * h)
       annotations.append(ann)
   data = {
     'images': images,
@@ -155,6 +172,15 @@ def load_tfds(
   ds = coco_lib.coco_from_dict(
     data, '', crowd=crowd, source=f'tfds:{builder_dir}[{split}]', expect_masks=has_masks
   )
+  if duplicates:
+    logging.warning(
+      'tfds:%s[%s]: %d examples repeat an earlier image/id and are skipped (indices %s)',
+      builder_dir,
+      split,
+      len(duplicates),
+      ', '.join(map(str, duplicates[:10])) + (', ...' if len(duplicates) > 10 else ''),
+    )
+    ds.report['duplicate_image_id'] = len(duplicates)
   for record in ds.records:
     ref = refs[record.image_id]
     if in_memory:
