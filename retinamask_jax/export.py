@@ -2,6 +2,8 @@
 
     detector = Detector.from_checkpoint('runs/default')        # a workdir, its checkpoints/ folder or a step folder
     results = detector.predict(['a.jpg', image_array])          # one dict per image, original image coordinates
+    detector.export('serving/model')                            # params-only Orbax checkpoint + config.json
+    Detector.from_checkpoint('serving/model')                   # what a server loads: no optimizer state
 
 A checkpoint written by train.py holds the config it was trained with (classes included), so nothing else is
 needed. The jitted predictor compiles once per canvas: the test canvas of each orientation.
@@ -25,6 +27,8 @@ from retinamask_jax.ops import masks as masks_lib
 
 PyTree = Any
 ImageLike = str | np.ndarray
+EXPORT_CONFIG = 'config.json'
+EXPORT_VARIABLES = 'variables'
 
 
 def _resolve_checkpoint(path: str) -> tuple[str, int | None]:
@@ -76,6 +80,8 @@ class Detector:
     from retinamask_jax.train.checkpoint import Checkpointer
     from retinamask_jax.train.loop import create_train_state
 
+    if os.path.exists(os.path.join(path, EXPORT_CONFIG)):
+      return cls._from_export(path)
     directory, path_step = _resolve_checkpoint(path)
     step = path_step if step is None else step
     checkpointer = Checkpointer(directory, async_save=False)
@@ -94,6 +100,42 @@ class Detector:
     finally:
       checkpointer.close()
     return cls(model, config, state.variables)
+
+  def export(self, path: str) -> str:
+    """Writes the inference variables (params and frozen statistics, no optimizer state or loss statistics) as an
+    Orbax checkpoint at `<path>/variables`, and the config as `<path>/config.json`; `from_checkpoint(path)` loads
+    it. Returns the absolute path. Refuses to overwrite an existing export."""
+    import orbax.checkpoint as ocp
+
+    path = os.path.abspath(path)
+    if os.path.exists(os.path.join(path, EXPORT_CONFIG)):
+      raise FileExistsError(f'{path}: an export is already there')
+    os.makedirs(path, exist_ok=True)
+    variables = {k: self.variables[k] for k in ('params', 'frozen') if k in self.variables}
+    with ocp.StandardCheckpointer() as checkpointer:
+      checkpointer.save(os.path.join(path, EXPORT_VARIABLES), jax.device_get(variables))
+    # The config last: its presence marks a complete export.
+    with open(os.path.join(path, EXPORT_CONFIG), 'w') as f:
+      json.dump(self.config.to_dict(), f, indent=1)
+    return path
+
+  @classmethod
+  def _from_export(cls, path: str) -> Detector:
+    import orbax.checkpoint as ocp
+
+    from retinamask_jax.models import retinamask as retinamask_lib
+    from retinamask_jax.train.checkpoint import check_compatible
+
+    with open(os.path.join(path, EXPORT_CONFIG)) as f:
+      config = ml_collections.ConfigDict(json.load(f))
+    model, init_variables = retinamask_lib.build_model(config)
+    abstract = jax.eval_shape(lambda rng: init_variables(rng, (512, 512)), jax.random.key(0))
+    abstract = {k: abstract[k] for k in ('params', 'frozen') if k in abstract}
+    with ocp.StandardCheckpointer() as checkpointer:
+      location = os.path.join(path, EXPORT_VARIABLES)
+      check_compatible(checkpointer.metadata(location).item_metadata, abstract, location)
+      variables = checkpointer.restore(location, abstract)
+    return cls(model, config, variables)
 
   # ---------------------------------------------------------------------------------------------- inference
 

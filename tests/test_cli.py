@@ -142,3 +142,21 @@ def test_detector_predict_matches_the_evaluation_results(cli_run):
     assert list(result['category_ids']) == [r['category_id'] for r in expected]
     masks = [mask_utils.decode(r['segmentation']) for r in segm if r['image_id'] == image_id]
     np.testing.assert_array_equal(result['masks'][: len(masks)], np.asarray(masks, bool))
+
+
+def test_export_round_trip_predicts_the_same(cli_run, tmp_path):
+  """A params-only export loads without the training state and predicts exactly what the checkpoint does."""
+  from retinamask_jax import Detector
+
+  workdir, _ = cli_run
+  detector = Detector.from_checkpoint(workdir)
+  path = detector.export(str(tmp_path / 'model'))
+  assert sorted(os.listdir(path)) == ['config.json', 'variables']
+  with pytest.raises(FileExistsError):
+    detector.export(path)
+  served = Detector.from_checkpoint(path)
+  assert set(served.variables) == {'params', 'frozen'} and served.class_names == detector.class_names
+  images = [np.random.default_rng(i).integers(0, 256, (90 + 40 * i, 130, 3), dtype=np.uint8) for i in range(2)]
+  for a, b in zip(detector.predict(images), served.predict(images)):
+    for key in ('boxes', 'scores', 'classes', 'masks'):
+      np.testing.assert_array_equal(a[key], b[key])
