@@ -17,6 +17,40 @@ from absl import flags
 
 EXIT_USAGE = 2
 
+# Multi-host (DESIGN.md 6): every process runs the same command; JAX's own runtime connects them.
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, 'Multi-host: host:port of process 0 (with --num_processes and --process_id). '
+    'Not needed on TPU pod slices and under SLURM, where the processes find each other.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Multi-host: how many processes in all.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Multi-host: this process, 0 .. num_processes - 1.')
+
+
+class _UsageError(Exception):
+  """Flags that cannot work together."""
+
+
+def auto_detected_cluster(env: dict[str, str]) -> bool:
+  """Whether the environment is one `jax.distributed.initialize()` can configure by itself with > 1 process:
+  a SLURM job step with several tasks, or a multi-host Cloud TPU slice (several worker hostnames)."""
+  if int(env.get('SLURM_STEP_NUM_TASKS', env.get('SLURM_NTASKS', '1')) or 1) > 1:
+    return True
+  return len([h for h in env.get('TPU_WORKER_HOSTNAMES', '').split(',') if h]) > 1
+
+
+def _initialize_distributed() -> None:
+  """Connects the processes of a multi-host run before anything touches a device; single-process runs skip it."""
+  explicit = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  if any(v is not None for v in explicit):
+    if any(v is None for v in explicit):
+      raise _UsageError('--coordinator_address, --num_processes and --process_id go together')
+    import jax
+
+    jax.distributed.initialize(coordinator_address=explicit[0], num_processes=explicit[1], process_id=explicit[2])
+  elif auto_detected_cluster(dict(os.environ)):
+    import jax
+
+    jax.distributed.initialize()
+
 
 class _OwnInfoOnly(logging.Filter):
   """Keeps our INFO lines and everyone's warnings; drops the libraries' INFO chatter (Orbax logs ~20 per save)."""
@@ -37,13 +71,15 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
   from retinamask_jax.train.checkpoint import ShapeMismatchError
   from retinamask_jax.train.loop import ConfigError
 
-  return (ConfigError, ShapeMismatchError, DataError, FileNotFoundError)
+  return (ConfigError, ShapeMismatchError, DataError, FileNotFoundError, _UsageError)
 
 
 def run(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
   """Calls fn; an expected failure becomes `error: <reason>` on stderr and exit code 2."""
   _quiet_libraries()
   try:
+    if flags.FLAGS.is_parsed():
+      _initialize_distributed()
     return fn(*args, **kwargs)
   except _expected_errors() as e:
     print(f'error: {e}', file=sys.stderr, flush=True)

@@ -160,3 +160,21 @@ def test_export_round_trip_predicts_the_same(cli_run, tmp_path):
   for a, b in zip(detector.predict(images), served.predict(images)):
     for key in ('boxes', 'scores', 'classes', 'masks'):
       np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_multi_host_detection_hand_examples():
+  from retinamask_jax.cli import auto_detected_cluster
+
+  assert not auto_detected_cluster({})
+  assert not auto_detected_cluster({'SLURM_NTASKS': '1'})
+  assert auto_detected_cluster({'SLURM_NTASKS': '4'})
+  assert not auto_detected_cluster({'SLURM_NTASKS': '4', 'SLURM_STEP_NUM_TASKS': '1'})  # the step decides
+  assert not auto_detected_cluster({'TPU_WORKER_HOSTNAMES': 'localhost'})  # a single-host TPU VM
+  assert auto_detected_cluster({'TPU_WORKER_HOSTNAMES': 't1k-0,t1k-1'})
+
+
+def test_multi_host_flags_must_come_together(tmp_path):
+  proc = _run('train.py', '--config', os.path.join(ROOT, 'configs', 'tiny.py'), '--workdir', str(tmp_path),
+              '--num_processes=2', check=False)
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines()[-1].startswith('error: --coordinator_address, --num_processes')
