@@ -13,7 +13,6 @@ torchvision (CPU) runs on the same input when it is installed; ratio = torchvisi
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -24,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from timing import median_ms, write_json  # noqa: E402
 
 from retinamask_jax.ops import nms  # noqa: E402
 
@@ -54,17 +54,6 @@ def make_candidates(num: int, num_classes: int, seed: int,
   scores = np.where(on_object, obj_score[k] * rng.uniform(0.1, 1.0, num),
                     rng.uniform(0.05, 0.3, num))
   return dict(boxes=boxes, scores=scores.astype(np.float32), classes=classes.astype(np.int32))
-
-
-def median_ms(fn, runs: int, warmup: int) -> float:
-  for _ in range(warmup):
-    fn()
-  times = []
-  for _ in range(runs):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return float(np.median(times) * 1e3)
 
 
 def bench_case(num: int, max_output: int, args: argparse.Namespace, torch, torchvision) -> dict:
@@ -136,10 +125,7 @@ def main() -> None:
       torchvision_version=None if torchvision is None else torchvision.__version__,
       torch_threads=None if torch is None else torch.get_num_threads(),
       runs=args.runs, warmup=args.warmup, iou_threshold=args.iou, seed=args.seed, rows=rows)
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, 'w') as f:
-    json.dump(result, f, indent=2)
-  print(f'wrote {args.out}')
+  write_json(result, args.out)
 
 
 if __name__ == '__main__':

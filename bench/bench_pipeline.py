@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import platform
 import sys
@@ -25,6 +24,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
+from timing import write_json  # noqa: E402
 
 from configs import base  # noqa: E402
 from retinamask_jax.data import coco, pipeline, shapes  # noqa: E402
@@ -112,10 +112,7 @@ def main() -> None:
     'python': platform.python_version(),
     'results': rows,
   }
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, 'w') as f:
-    json.dump(result, f, indent=2)
-  print(f'wrote {args.out}')
+  write_json(result, args.out)
 
 
 if __name__ == '__main__':

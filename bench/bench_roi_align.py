@@ -18,17 +18,16 @@ beyond inputs and outputs.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from timing import median_ms, write_json  # noqa: E402
 
 from retinamask_jax.ops.roi_align import assign_levels, multilevel_roi_align  # noqa: E402
 
@@ -43,17 +42,6 @@ def make_inputs(n: int, r: int, c: int, canvas: int, seed: int) -> dict[str, np.
   boxes = np.clip(np.concatenate([ctr - wh / 2, ctr + wh / 2], -1), 0, canvas).astype(np.float32)
   cot = rng.normal(size=(n, r, 14, 14, c)).astype(np.float32)
   return dict(feats=feats, boxes=boxes, cot=cot)
-
-
-def median_ms(fn, runs: int, warmup: int) -> float:
-  for _ in range(warmup):
-    fn()
-  times = []
-  for _ in range(runs):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return 1e3 * float(np.median(times))
 
 
 def bench_jax(inp: dict, runs: int, warmup: int) -> tuple[dict, np.ndarray]:
@@ -192,10 +180,7 @@ def main() -> None:
       warmup=args.warmup,
       rows=rows,
   )
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, 'w') as f:
-    json.dump(result, f, indent=2)
-  print(f'wrote {args.out}')
+  write_json(result, args.out)
 
 
 if __name__ == '__main__':
