@@ -144,18 +144,13 @@ class Detector:
     return tuple(self.config.model.class_names)
 
   def _prepare(self, image: np.ndarray) -> tuple[np.ndarray, tuple[int, int], str]:
-    d = self.config.data
+    """The image on its test canvas, exactly as evaluation prepares it: (canvas [H, W, 3] float32, (nh, nw),
+    orientation)."""
+    s = pipeline_lib.eval_settings(self.config)
     h, w = image.shape[:2]
     orientation = 'landscape' if w >= h else 'portrait'
-    canvas = pipeline_lib.test_canvas(int(d.test_min_size), int(d.test_max_size), orientation)
-    nh, nw = T.resized_hw(h, w, int(d.test_min_size), int(d.test_max_size))
-    nh, nw = min(nh, canvas[0]), min(nw, canvas[1])
-    out = np.zeros((*canvas, 3), np.float32)
-    T.normalize(
-        T.resize_image(image, (nh, nw)), channel_order=d.channel_order, pixel_range=float(d.pixel_range),
-        mean=tuple(d.pixel_mean), std=tuple(d.pixel_std), out=out[:nh, :nw],
-    )
-    return out, (nh, nw), orientation
+    out = np.zeros((*pipeline_lib.test_canvas(s.min_sizes[0], s.max_size, orientation), 3), np.float32)
+    return out, pipeline_lib.place_image(image, out, s.min_sizes[0], s), orientation
 
   def predict(self, images: Sequence[ImageLike], *, batch_size: int = 4) -> list[dict[str, np.ndarray]]:
     """Detections for each image, in its original pixel coordinates.

@@ -18,7 +18,6 @@ from configs import base
 from retinamask_jax.data import coco as coco_lib
 from retinamask_jax.data import pipeline, shapes
 from retinamask_jax.data import transforms as T
-from retinamask_jax.data.coco import ImageRecord
 
 pytestmark = pytest.mark.filterwarnings('ignore:__array__ implementation:DeprecationWarning')
 
@@ -90,9 +89,7 @@ def test_resized_image_fits_its_canvas(h, w, min_size, max_size):
   slack = max(ch, cw) - max_size
   if max(h, w) / min(h, w) / 2 + 1 <= slack:
     assert nh <= ch and nw <= cw
-  record = ImageRecord(image_id=1, file_name='x.png', height=h, width=w, boxes=np.zeros((0, 4), np.float32),
-                       classes=np.zeros((0,), np.int32), segmentations=[], ann_ids=np.zeros((0,), np.int64))
-  fh, fw = pipeline._fit(record, min_size, max_size, (ch, cw))
+  fh, fw = pipeline.fit_size('x.png', h, w, min_size, max_size, (ch, cw))
   assert fh <= ch and fw <= cw and (fh, fw) == (min(nh, ch), min(nw, cw))
 
 

@@ -165,20 +165,46 @@ def load_record_image(record: ImageRecord) -> np.ndarray:
   return image
 
 
-def _fit(record: ImageRecord, min_size: int, max_size: int, canvas: Canvas) -> tuple[int, int]:
-  nh, nw = T.resized_hw(record.height, record.width, min_size, max_size)
+def fit_size(name: str, height: int, width: int, min_size: int, max_size: int, canvas: Canvas) -> tuple[int, int]:
+  """(nh, nw) of an image resized by `transforms.resized_hw`, clamped to `canvas` (reported once per file)."""
+  nh, nw = T.resized_hw(height, width, min_size, max_size)
   if nh > canvas[0] or nw > canvas[1]:
     T.report_once(
       'resize_clamped',
-      (record.file_name, canvas),
+      (name, canvas),
       '%s: resized %dx%d does not fit the %dx%d canvas (extreme aspect ratio); clamped',
-      record.file_name,
+      name,
       nh,
       nw,
       canvas[0],
       canvas[1],
     )
     nh, nw = min(nh, canvas[0]), min(nw, canvas[1])
+  return nh, nw
+
+
+def place_image(
+  image: np.ndarray,
+  out: np.ndarray,
+  min_size: int,
+  s: _Settings,
+  *,
+  flip: bool = False,
+  name: str = '',
+) -> tuple[int, int]:
+  """Resizes uint8 RGB `image [h, w, 3]` by the resize rule, optionally flips it, and normalizes it into the
+  top-left of `out` (float32 `[H, W, 3]`, the canvas; the rest is left as it is). Returns the resized (nh, nw)."""
+  nh, nw = fit_size(name, image.shape[0], image.shape[1], min_size, s.max_size, out.shape[:2])
+  resized = T.resize_image(image, (nh, nw))
+  # Flip as a strided view, normalized straight into the canvas: no intermediate copies.
+  T.normalize(
+    resized[:, ::-1] if flip else resized,
+    channel_order=s.channel_order,
+    pixel_range=s.pixel_range,
+    mean=s.pixel_mean,
+    std=s.pixel_std,
+    out=out[:nh, :nw],
+  )
   return nh, nw
 
 
@@ -244,17 +270,8 @@ def _fill_row(
   with_targets: bool,
 ) -> None:
   """Resizes, flips, normalizes one decoded image (and its targets) into row j of a batch."""
-  nh, nw = _fit(record, min_size, s.max_size, canvas)
-  resized = T.resize_image(image, (nh, nw))
-  # Flip as a strided view, normalized straight into the batch: no intermediate copies.
-  T.normalize(
-    resized[:, ::-1] if flip else resized,
-    channel_order=s.channel_order,
-    pixel_range=s.pixel_range,
-    mean=s.pixel_mean,
-    std=s.pixel_std,
-    out=out['image'][j, :nh, :nw],
-  )
+  del canvas  # the row's shape is the canvas
+  nh, nw = place_image(image, out['image'][j], min_size, s, flip=flip, name=record.file_name)
   out['image_size'][j] = (nh, nw)
   out['orig_size'][j] = (record.height, record.width)
   out['image_id'][j] = record.image_id
@@ -505,7 +522,8 @@ class _EvalBatch:
     return out
 
 
-def _eval_settings(config: ml_collections.ConfigDict) -> _Settings:
+def eval_settings(config: ml_collections.ConfigDict) -> _Settings:
+  """The settings of evaluation and inference: the test size, no flip."""
   s = _Settings.from_config(config)
   return dataclasses.replace(
     s,
@@ -557,7 +575,7 @@ def make_eval_iterator(
     raise ValueError(f'batch_size must be >= 1, got {batch_size}')
   batches = _eval_batches(dataset, batch_size, process_count, max_images)
   fn = _EvalBatch(
-    dataset.records, batches, _eval_settings(config), process_index, batch_size, with_targets
+    dataset.records, batches, eval_settings(config), process_index, batch_size, with_targets
   )
   if not batches:
     return iter(())

@@ -241,11 +241,13 @@ def make_train_step(
           k: jax.lax.psum(v, axis_name) if k in summed else jax.lax.pmean(v, axis_name)
           for k, v in metrics.items()
       }
+    # The rate this update uses (the schedule counts updates from 0), whether or not it is applied.
+    lr = schedule(state.step) * state.hparams.lr_scale
     ok = _all_finite(grads) & jnp.isfinite(metrics['loss'])
     new_state = state.apply_gradients(grads, new_stats)
     state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, state)
     metrics['nonfinite'] = 1.0 - ok.astype(jnp.float32)
-    metrics['lr'] = schedule(state.step - 1) * state.hparams.lr_scale
+    metrics['lr'] = lr
     metrics['grad_norm'] = optax.tree.norm(grads)
     return state, metrics
 
