@@ -7,6 +7,14 @@
 
 A checkpoint written by train.py holds the config it was trained with (classes included), so nothing else is
 needed. The jitted predictor compiles once per canvas: the test canvas of each orientation.
+
+Serving without the model code: `detector.export_serving(path, canvas_hw)` writes the jitted inference function for
+one fixed canvas and batch as a serialized `jax.export` program, with its weights next to it (passed as an
+argument, so the program stays small and the weights are stored once); `load_serving(path)` (or the ten lines of
+`jax.export.deserialize` it wraps) runs it in a process that imports neither this package's models nor flax.
+
+This module imports the data pipeline, ops and models only inside the functions that need them, so that
+`load_serving` stays light.
 """
 
 from __future__ import annotations
@@ -21,14 +29,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from retinamask_jax.data import pipeline as pipeline_lib
-from retinamask_jax.data import transforms as T
-from retinamask_jax.ops import masks as masks_lib
-
 PyTree = Any
 ImageLike = str | np.ndarray
 EXPORT_CONFIG = 'config.json'
 EXPORT_VARIABLES = 'variables'
+# The serialized inference program (`Detector.export_serving`): the program, its weights, what it expects.
+SERVING_PROGRAM = 'model.jax_export'
+SERVING_VARIABLES = 'variables.npz'
+SERVING_METADATA = 'serving.json'
 
 
 def _resolve_checkpoint(path: str) -> tuple[str, int | None]:
@@ -76,9 +84,10 @@ class Detector:
     Raises:
       FileNotFoundError: no checkpoint there.
     """
+    import orbax.checkpoint as ocp
+
     from retinamask_jax.models import retinamask as retinamask_lib
-    from retinamask_jax.train.checkpoint import Checkpointer
-    from retinamask_jax.train.loop import create_train_state
+    from retinamask_jax.train.checkpoint import Checkpointer, check_compatible
 
     if os.path.exists(os.path.join(path, EXPORT_CONFIG)):
       return cls._from_export(path)
@@ -94,12 +103,22 @@ class Detector:
         raise FileNotFoundError(f'{directory}: step {step} has no saved config ({config_file})')
       with open(config_file) as f:
         config = ml_collections.ConfigDict(json.load(f))
-      model, init_variables = retinamask_lib.build_model(config)
-      template = create_train_state(config, model, init_variables, jax.random.key(0))
-      state, _ = checkpointer.restore(template, step=step)
     finally:
       checkpointer.close()
-    return cls(model, config, state.variables)
+    model, init_variables = retinamask_lib.build_model(config)
+    # Only the inference variables are read (Orbax partial restore): no optimizer is built, no optimizer state read.
+    target = _abstract_inference_variables(init_variables)
+    location = os.path.join(directory, str(step), 'state')
+    with ocp.PyTreeCheckpointer() as checkpointer:
+      saved = checkpointer.metadata(location).item_metadata
+      check_compatible({k: saved[k] for k in target if k in saved}, target, location)
+      variables = checkpointer.restore(
+          location,
+          args=ocp.args.PyTreeRestore(
+              item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
+          ),
+      )
+    return cls(model, config, variables)
 
   def export(self, path: str) -> str:
     """Writes the inference variables (params and frozen statistics, no optimizer state or loss statistics) as an
@@ -119,6 +138,112 @@ class Detector:
       json.dump(self.config.to_dict(), f, indent=1)
     return path
 
+  def export_serving(
+      self,
+      path: str,
+      canvas_hw: tuple[int, int] | None = None,
+      *,
+      batch_size: int = 1,
+      with_masks: bool | None = None,
+      platforms: Sequence[str] | None = None,
+  ) -> str:
+    """Writes the inference function for one canvas as a serialized `jax.export` program that runs without the
+    model code (`load_serving`). Returns the absolute path.
+
+    The program is `serve(weights, images, image_size) -> detections`:
+      weights: the flat list of the variables' leaves (`variables.npz`, arrays '00000', '00001', ... in order);
+      images: uint8 [batch_size, H, W, 3] RGB, each (already resized) image at the top left of the canvas; the
+        normalization of `data.*` happens inside and everything outside `image_size` is zeroed, as evaluation pads;
+      image_size: int32 [batch_size, 2] (h, w) of each image on the canvas;
+      detections: boxes [B, D, 4] float32 xyxy in canvas pixels, scores [B, D], classes [B, D] int32 (1..K),
+        valid [B, D] bool, and with masks also masks [B, Dm, S, S] float32 probabilities (to be pasted into the
+        image with each box, e.g. `ops.masks.paste_masks`).
+    The weights are an argument rather than constants so the program stays small and another set of weights of the
+    same model runs with the same program.
+
+    Files under `path`: `model.jax_export` (the program), `variables.npz` (the weights) and `serving.json` (canvas,
+    batch size, resize rule, classes, score threshold, input / output description).
+
+    Args:
+      canvas_hw: (H, W); default the landscape test canvas of the config (`data.test_min_size` / `test_max_size`).
+      batch_size: images per call (static).
+      with_masks: include the mask head (default: when the model has one).
+      platforms: e.g. ('cpu', 'cuda'); default the platform JAX runs on now.
+    """
+    from retinamask_jax.data import pipeline as pipeline_lib
+    from retinamask_jax.train.step import make_predict_fn
+
+    path = os.path.abspath(path)
+    if os.path.exists(os.path.join(path, SERVING_PROGRAM)):
+      raise FileExistsError(f'{path}: a serving export is already there')
+    with_masks = self.with_masks if with_masks is None else bool(with_masks)
+    if with_masks and not self.with_masks:
+      raise ValueError('with_masks=True but the model has no mask head (model.mask.enabled is False)')
+    s = pipeline_lib.eval_settings(self.config)
+    if canvas_hw is None:
+      canvas_hw = pipeline_lib.test_canvas(s.min_sizes[0], s.max_size, 'landscape')
+    h, w = (int(v) for v in canvas_hw)
+    stride = 2 ** int(self.config.model.fpn.max_level)
+    if h <= 0 or w <= 0 or h % stride or w % stride:
+      raise ValueError(f'canvas_hw must be positive multiples of {stride} (2^fpn.max_level), got {canvas_hw}')
+    variables = {k: self.variables[k] for k in ('params', 'frozen') if k in self.variables}
+    flat, treedef = jax.tree_util.tree_flatten_with_path(variables)
+    paths = [jax.tree_util.keystr(p) for p, _ in flat]
+    leaves = [np.asarray(jax.device_get(x)) for _, x in flat]
+    predict = make_predict_fn(self.model, self.config, with_masks)
+    # Normalization through the very table `transforms.normalize` uses (pixel * a + b per output channel, float32),
+    # so the program sees bit for bit the input evaluation and `predict` give the model.
+    std = np.asarray(s.pixel_std, np.float64)
+    a = (s.pixel_range / 255.0 / std).astype(np.float32)
+    b = (-np.asarray(s.pixel_mean, np.float64) / std).astype(np.float32)
+    table = np.arange(256, dtype=np.float32)[:, None] * a + b  # [256, 3]
+    bgr = s.channel_order == 'bgr'
+
+    def serve(weights, images, image_size):
+      x = images[..., ::-1] if bgr else images
+      x = jnp.stack([jnp.asarray(table[:, c])[x[..., c].astype(jnp.int32)] for c in range(3)], axis=-1)
+      rows = jnp.arange(h)[None, :, None] < image_size[:, 0, None, None]
+      cols = jnp.arange(w)[None, None, :] < image_size[:, 1, None, None]
+      x = jnp.where((rows & cols)[..., None], x, 0.0)
+      return predict(jax.tree.unflatten(treedef, list(weights)), x, image_size)
+
+    specs = (
+        [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves],
+        jax.ShapeDtypeStruct((batch_size, h, w, 3), jnp.uint8),
+        jax.ShapeDtypeStruct((batch_size, 2), jnp.int32),
+    )
+    exported = jax.export.export(jax.jit(serve), platforms=platforms)(*specs)
+    os.makedirs(path, exist_ok=True)
+    np.savez(os.path.join(path, SERVING_VARIABLES), **{f'{i:05d}': x for i, x in enumerate(leaves)})
+    metadata = {
+        'canvas_hw': [h, w],
+        'batch_size': int(batch_size),
+        'with_masks': with_masks,
+        'platforms': list(exported.platforms),
+        'inputs': {
+            'weights': f'{len(leaves)} arrays from {SERVING_VARIABLES}, in key order',
+            'images': f'uint8 [{batch_size}, {h}, {w}, 3] RGB, each resized image at the top left',
+            'image_size': f'int32 [{batch_size}, 2] (h, w) of each image on the canvas',
+        },
+        'outputs': sorted(exported.out_tree.unflatten(range(exported.out_tree.num_leaves)).keys()),
+        'resize': {
+            'min_size': s.min_sizes[0],
+            'max_size': s.max_size,
+            'rule': 'scale the short side to min_size, unless the long side would then exceed max_size: then scale '
+                    'the long side to max_size (transforms.resized_hw); PIL bilinear',
+        },
+        'score_threshold': self.score_threshold,
+        'class_names': list(self.class_names),
+        'category_ids': [int(x) for x in self.config.model.category_ids],
+        'variable_paths': paths,
+    }
+    with open(os.path.join(path, SERVING_METADATA), 'w') as f:
+      json.dump(metadata, f, indent=1)
+    # The program last: its presence marks a complete export.
+    with open(os.path.join(path, SERVING_PROGRAM), 'wb') as f:
+      f.write(exported.serialize())
+    return path
+
   @classmethod
   def _from_export(cls, path: str) -> Detector:
     import orbax.checkpoint as ocp
@@ -129,8 +254,7 @@ class Detector:
     with open(os.path.join(path, EXPORT_CONFIG)) as f:
       config = ml_collections.ConfigDict(json.load(f))
     model, init_variables = retinamask_lib.build_model(config)
-    abstract = jax.eval_shape(lambda rng: init_variables(rng, (512, 512)), jax.random.key(0))
-    abstract = {k: abstract[k] for k in ('params', 'frozen') if k in abstract}
+    abstract = _abstract_inference_variables(init_variables)
     with ocp.StandardCheckpointer() as checkpointer:
       location = os.path.join(path, EXPORT_VARIABLES)
       check_compatible(checkpointer.metadata(location).item_metadata, abstract, location)
@@ -146,6 +270,8 @@ class Detector:
   def _prepare(self, image: np.ndarray) -> tuple[np.ndarray, tuple[int, int], str]:
     """The image on its test canvas, exactly as evaluation prepares it: (canvas [H, W, 3] float32, (nh, nw),
     orientation)."""
+    from retinamask_jax.data import pipeline as pipeline_lib
+
     s = pipeline_lib.eval_settings(self.config)
     h, w = image.shape[:2]
     orientation = 'landscape' if w >= h else 'portrait'
@@ -166,6 +292,8 @@ class Detector:
     """
     if isinstance(images, (str, np.ndarray)):
       raise TypeError('predict takes a sequence of images; wrap a single one in a list')
+    from retinamask_jax.data import transforms as T
+
     loaded = [
         T.load_image(x) if isinstance(x, str) else np.asarray(x) for x in images
     ]
@@ -190,6 +318,8 @@ class Detector:
     return results  # type: ignore[return-value]
 
   def _unpack(self, dets: dict[str, np.ndarray], j: int, resized: tuple[int, int], orig: tuple[int, int]):
+    from retinamask_jax.ops import masks as masks_lib
+
     (h, w), (oh, ow) = resized, orig
     keep = np.flatnonzero(dets['valid'][j] & (dets['scores'][j] >= self.score_threshold))
     factor = np.array([ow / w, oh / h, ow / w, oh / h], np.float32)
@@ -211,6 +341,75 @@ class Detector:
         masks[: len(with_mask)] = masks_lib.paste_masks(dets['masks'][j][with_mask], boxes[: len(with_mask)], (oh, ow))
       out['masks'] = masks
     return out
+
+
+def _abstract_inference_variables(init_variables: Any) -> PyTree:
+  """ShapeDtypeStructs (on the default device) of the `params` and `frozen` variables `init_variables` makes."""
+  abstract = jax.eval_shape(lambda rng: init_variables(rng, (512, 512)), jax.random.key(0))
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return {
+      k: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract[k])
+      for k in ('params', 'frozen')
+      if k in abstract
+  }
+
+
+class ServingModel:
+  """A program written by `Detector.export_serving`, loaded with jax and numpy only (no model code, no flax).
+
+  `model(images)`: a list of uint8 [h, w, 3] RGB images, each already resized by the rule in `metadata['resize']`
+  (h <= H, w <= W of the canvas) -> one dict per image with the valid detections, by score descending: boxes [D, 4]
+  (pixels of the given image), scores [D], classes [D] (1..K), and masks [D, S, S] probabilities for the first
+  detections when exported with masks. `model.run(canvases, image_size)` is the raw program.
+  """
+
+  def __init__(self, path: str):
+    with open(os.path.join(path, SERVING_METADATA)) as f:
+      self.metadata = json.load(f)
+    with open(os.path.join(path, SERVING_PROGRAM), 'rb') as f:
+      self.exported = jax.export.deserialize(bytearray(f.read()))
+    with np.load(os.path.join(path, SERVING_VARIABLES)) as arrays:
+      self.weights = [jnp.asarray(arrays[k]) for k in sorted(arrays.files)]
+    self.canvas_hw = tuple(self.metadata['canvas_hw'])
+    self.batch_size = int(self.metadata['batch_size'])
+
+  def run(self, images: np.ndarray, image_size: np.ndarray) -> dict[str, np.ndarray]:
+    """images uint8 [B, H, W, 3] canvases, image_size int32 [B, 2] -> the program's detections, as numpy."""
+    out = self.exported.call(self.weights, jnp.asarray(images, jnp.uint8), jnp.asarray(image_size, jnp.int32))
+    return jax.tree.map(np.asarray, out)
+
+  def __call__(self, images: Sequence[np.ndarray]) -> list[dict[str, np.ndarray]]:
+    h, w = self.canvas_hw
+    results = []
+    for start in range(0, len(images), self.batch_size):
+      chunk = images[start:start + self.batch_size]
+      canvas = np.zeros((self.batch_size, h, w, 3), np.uint8)
+      sizes = np.tile(np.asarray([h, w], np.int32), (self.batch_size, 1))
+      for j, image in enumerate(chunk):
+        ih, iw = image.shape[:2]
+        if ih > h or iw > w or image.dtype != np.uint8 or image.shape[2:] != (3,):
+          raise ValueError(f'image {start + j}: expected uint8 [h <= {h}, w <= {w}, 3], got {image.dtype} '
+                           f'{image.shape}; resize it first (metadata["resize"])')
+        canvas[j, :ih, :iw] = image
+        sizes[j] = (ih, iw)
+      dets = self.run(canvas, sizes)
+      for j in range(len(chunk)):
+        keep = np.flatnonzero(dets['valid'][j])
+        result = {k: dets[k][j][keep] for k in ('boxes', 'scores', 'classes')}
+        if 'masks' in dets:
+          result['masks'] = dets['masks'][j][keep[keep < dets['masks'].shape[1]]]
+        results.append(result)
+    return results
+
+
+def load_serving(path: str) -> ServingModel:
+  """Loads a `Detector.export_serving` directory. Equivalent, without this package:
+
+      exported = jax.export.deserialize(bytearray(open(f'{path}/model.jax_export', 'rb').read()))
+      weights = [arrays[k] for k in sorted(arrays.files)]   # arrays = np.load(f'{path}/variables.npz')
+      detections = exported.call(weights, images_uint8, image_size_int32)
+  """
+  return ServingModel(path)
 
 
 def draw(image: np.ndarray, result: dict[str, np.ndarray], class_names: Sequence[str]):
@@ -235,6 +434,8 @@ def write_predictions(
   if names is None:
     names = [os.path.splitext(os.path.basename(x))[0] if isinstance(x, str) else f'image_{i}'
              for i, x in enumerate(images)]
+  from retinamask_jax.data import transforms as T
+
   arrays = [T.load_image(x) if isinstance(x, str) else np.asarray(x) for x in images]
   os.makedirs(out_dir, exist_ok=True)
   previous, detector.score_threshold = detector.score_threshold, score_threshold
