@@ -1,13 +1,15 @@
 """What the entry points (train.py, eval.py, predict.py) run once flags are parsed.
 
-Expected failures (a bad config, missing data, a checkpoint that does not fit) end the process with a one-line
-reason on stderr and a non-zero exit code; anything else is a bug and keeps its traceback.
+Expected failures (a bad config or flag, missing data, a checkpoint that does not fit: exit code 2; a non-finite
+loss with train.nonfinite = 'stop': exit code 3) end the process with a one-line reason on stderr; anything else is
+a bug and keeps its traceback. Preemption (SIGTERM/SIGINT) saves a checkpoint and exits with 128 + the signal.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -15,7 +17,8 @@ from typing import Any
 import ml_collections
 from absl import flags
 
-EXIT_USAGE = 2
+EXIT_USAGE = 2  # the run cannot start: a bad config or flag, missing data, a checkpoint that does not fit
+EXIT_NONFINITE = 3  # a non-finite loss or gradient with train.nonfinite = 'stop'; the last good checkpoint is kept
 
 # Multi-host (DESIGN.md 6): every process runs the same command; JAX's own runtime connects them.
 _COORDINATOR = flags.DEFINE_string(
@@ -69,9 +72,9 @@ def _quiet_libraries() -> None:
 def _expected_errors() -> tuple[type[BaseException], ...]:
   from retinamask_jax.data.transforms import DataError
   from retinamask_jax.train.checkpoint import ShapeMismatchError
-  from retinamask_jax.train.loop import ConfigError
+  from retinamask_jax.train.loop import ConfigError, NonFiniteError
 
-  return (ConfigError, ShapeMismatchError, DataError, FileNotFoundError, _UsageError)
+  return (ConfigError, ShapeMismatchError, DataError, FileNotFoundError, _UsageError, NonFiniteError)
 
 
 def run(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -82,8 +85,37 @@ def run(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
       _initialize_distributed()
     return fn(*args, **kwargs)
   except _expected_errors() as e:
+    from retinamask_jax.train.loop import NonFiniteError
+
     print(f'error: {e}', file=sys.stderr, flush=True)
-    sys.exit(EXIT_USAGE)
+    sys.exit(EXIT_NONFINITE if isinstance(e, NonFiniteError) else EXIT_USAGE)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing for the entry points (`app.run(main, flags_parser=cli.parse_flags)`), where a bad flag ends
+  with one line `error: <reason>` naming it and exit code 2, like every other bad input: absl alone prints two
+  lines for a value of the wrong type and a traceback for an override of a config key that does not exist."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:  # e.g. flag --config.train.num_steps=abc: invalid literal for int() ...
+    _fail(str(e))
+  except (AttributeError, KeyError) as e:
+    # ml_collections' override parser raises these for a key the config lacks, naming only that component.
+    text = str(e)
+    missing = re.search(r"'(\w+)\\?'", text)
+    name = missing.group(1) if missing else ''
+    overrides = [a.split('=', 1)[0] for a in argv[1:] if a.startswith('--config.')]
+    culprits = [a for a in overrides if name in a[len('--config.'):].split('.')]
+    suggestion = re.search(r'Did you mean "([^"]+)"', text)
+    hint = f'; did you mean {suggestion.group(1)!r}?' if suggestion else ''
+    _fail(f'{culprits[0] if culprits else "--config"}: no such config key {name!r}{hint} '
+          '(every key is in configs/base.py)')
+  raise AssertionError('unreachable')
+
+
+def _fail(message: str) -> None:
+  print(f'error: {message}', file=sys.stderr, flush=True)
+  sys.exit(EXIT_USAGE)
 
 
 def _print_metrics(metrics: dict[str, float]) -> None:

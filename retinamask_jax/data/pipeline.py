@@ -35,11 +35,13 @@ Batch dict (numpy, this process's n = B / P rows):
 Evaluation batches have the same keys except the gt_* ones (unless `with_targets=True`).
 
 A training image that cannot be read is replaced, deterministically, by the next readable image of
-its orientation group in the epoch's order, and reported once per process. An evaluation image that
+its orientation group in the epoch's order, and reported once. An evaluation image that
 cannot be read becomes a row with valid False (reported); the others are evaluated.
 
 Workers: with `num_workers > 0` grain runs the batch function in that many spawned processes (each
-computes whole batches; the stream is identical to `num_workers=0`). Spawned processes re-import the
+computes whole batches; the stream is identical to `num_workers=0`). The data problems a worker finds
+travel to the main process with the batch they came up in and are logged and counted there, once
+(`data_problem_counts`). Spawned processes re-import the
 caller's `__main__` module, so scripts must keep their top-level work under `if __name__ ==
 '__main__':` (absl's `app.run` does). absl flags are marked parsed in the workers (grain reads its
 flags there).
@@ -130,7 +132,7 @@ class _Settings:
       pixel_std=tuple(float(v) for v in d.pixel_std),
       max_instances=int(d.max_instances),
       mask_size=int(d.mask_size),
-      seed=int(config.seed),
+      seed=int(config.seed if d.get('seed') is None else d.seed),
     )
 
 
@@ -400,13 +402,56 @@ class _TrainBatch:
       flip = self.plan.flip(index, row, s.hflip_prob)
       _fill_row(out, j, record, image, canvas, min_size, flip, s, with_targets=True)
     out['index'] = np.asarray(index, np.int64)
-    return out
+    return _with_reports(out)
 
 
 def _mark_flags_parsed(*_: Any) -> None:
   """grain reads absl flags in its worker processes; a library caller may never have parsed them."""
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
+
+
+def _init_worker(*_: Any) -> None:
+  _mark_flags_parsed()
+  T.defer_reports()
+
+
+# Batch key under which a worker process sends the data problems it found to the main process; never seen by
+# the iterator's callers.
+_REPORTS_KEY = '_data_reports'
+
+
+def _with_reports(out: dict[str, Any]) -> dict[str, Any]:
+  reports = T.take_deferred_reports()
+  if reports:
+    out[_REPORTS_KEY] = reports
+  return out
+
+
+class _ReportingIterator:
+  """Yields a worker-backed iterator's batches after logging (once) the data problems they carry."""
+
+  def __init__(self, it: Any):
+    self._it = iter(it)
+
+  def __iter__(self) -> _ReportingIterator:
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    batch = next(self._it)
+    T.absorb_reports(batch.pop(_REPORTS_KEY, ()))
+    return batch
+
+  def close(self) -> None:
+    close = getattr(self._it, 'close', None)
+    if close is not None:
+      close()
+
+
+def data_problem_counts() -> dict[str, int]:
+  """Problems reported by the pipeline in this process so far, by kind (those of worker processes included, as
+  their batches arrive); each problem (kind, file) is counted once."""
+  return T.report_counts()
 
 
 def _iterate(ds: grain.MapDataset, num_workers: int) -> Iterator[dict[str, np.ndarray]]:
@@ -420,9 +465,9 @@ def _iterate(ds: grain.MapDataset, num_workers: int) -> Iterator[dict[str, np.nd
   # threads.
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1)).mp_prefetch(
     grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=2),
-    worker_init_fn=_mark_flags_parsed,
+    worker_init_fn=_init_worker,
   )
-  return iter(it)
+  return _ReportingIterator(it)
 
 
 def make_train_iterator(
@@ -519,7 +564,7 @@ class _EvalBatch:
         continue
       _fill_row(out, j, record, image, canvas, s.min_sizes[0], False, s, self.with_targets)
     out['index'] = np.asarray(index, np.int64)
-    return out
+    return _with_reports(out)
 
 
 def eval_settings(config: ml_collections.ConfigDict) -> _Settings:

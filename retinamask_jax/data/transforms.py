@@ -34,24 +34,62 @@ class DataError(Exception):
 # ---------------------------------------------------------------------------------------- reporting
 
 _REPORT_LOCK = threading.Lock()
-_REPORTED: set[tuple[str, Any]] = set()
+_REPORTED: set[tuple[str, str]] = set()
 # Per-process counts of reported problems by kind (each (kind, key) counted once).
 REPORT_COUNTS: collections.Counter[str] = collections.Counter()
+# In grain worker processes (`defer_reports`) problems are not logged there but queued, and the pipeline hands them
+# to the main process with the batch they came up in (`take_deferred_reports` -> `absorb_reports`). So each problem
+# is logged once per run and counted where the summary is printed, however many workers found it.
+_DEFERRED = False
+_PENDING: list[tuple[str, str, str]] = []
 
 
-def report_once(kind: str, key: Any, message: str, *args: Any) -> bool:
-  """Logs `message % args` (WARNING) the first time (kind, key) is seen in this process; counts it.
-
-  Returns True when this call was the first report of (kind, key). Grain worker processes keep their
-  own record, so with W workers one problem can be logged up to W times.
-  """
+def _record(kind: str, key: str, text: str) -> bool:
   with _REPORT_LOCK:
     if (kind, key) in _REPORTED:
       return False
     _REPORTED.add((kind, key))
     REPORT_COUNTS[kind] += 1
-  logging.warning('[data: %s] ' + message, kind, *args)
+    if _DEFERRED:
+      _PENDING.append((kind, key, text))
+      return True
+  logging.warning('[data: %s] %s', kind, text)
   return True
+
+
+def report_once(kind: str, key: Any, message: str, *args: Any) -> bool:
+  """Logs `message % args` (WARNING) the first time (kind, key) is seen in this process; counts it.
+
+  Returns True when this call was the first report of (kind, key). Keys are compared by `repr`. In grain worker
+  processes the report travels to the main process with the batch and is logged and counted there (once).
+  """
+  return _record(kind, repr(key), message % args if args else message)
+
+
+def defer_reports() -> None:
+  """Queue reports instead of logging them (called in grain worker processes)."""
+  global _DEFERRED
+  _DEFERRED = True
+
+
+def take_deferred_reports() -> list[tuple[str, str, str]]:
+  """The (kind, key, message) reports queued since the last call (empty unless `defer_reports` was called)."""
+  with _REPORT_LOCK:
+    out = list(_PENDING)
+    _PENDING.clear()
+  return out
+
+
+def absorb_reports(reports: Sequence[tuple[str, str, str]]) -> None:
+  """Logs and counts reports queued in a worker process (each (kind, key) once in this process)."""
+  for kind, key, text in reports:
+    _record(str(kind), str(key), str(text))
+
+
+def report_counts() -> dict[str, int]:
+  """This process's count of reported problems by kind (worker reports included once absorbed)."""
+  with _REPORT_LOCK:
+    return dict(REPORT_COUNTS)
 
 
 # ----------------------------------------------------------------------------------------- decoding

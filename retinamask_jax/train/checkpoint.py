@@ -65,6 +65,7 @@ class Checkpointer:
         'config': ocp.JsonCheckpointHandler(),
     }
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+    self._saved: set[int] = set()  # steps this object saved, async saves in flight included
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -74,9 +75,18 @@ class Checkpointer:
 
   def save(
       self, step: int, state: Any, data_state: dict[str, Any], config: ml_collections.ConfigDict
-  ) -> None:
+  ) -> bool:
+    """Starts an asynchronous save of `step`; False (nothing written) when that step is already saved.
+
+    Saving a step twice happens legitimately (a preemption signal that arrives during a step that was just
+    saved periodically); Orbax would raise for it, and the saved state of a step cannot differ anyway.
+    """
+    step = int(step)
+    if step in self._saved or step in self._manager.all_steps():
+      return False
+    self._saved.add(step)
     self._manager.save(
-        int(step),
+        step,
         args=ocp.args.Composite(
             state=ocp.args.StandardSave(_state_dict(state)),
             data=ocp.args.JsonSave(data_state),
@@ -84,6 +94,7 @@ class Checkpointer:
         ),
         force=True,
     )
+    return True
 
   def restore(
       self, template: Any, step: int | None = None, sharding: jax.sharding.Sharding | None = None
