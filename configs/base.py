@@ -38,6 +38,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.backbone.stride_in_1x1 = True  # MSRA weights put the stride in the 1x1 conv; torchvision in the 3x3
   c.model.backbone.norm = 'frozen_bn'  # 'frozen_bn' (pretrained), 'group_norm' (train from scratch)
   c.model.backbone.freeze_at = 2  # 0 = nothing frozen, 1 = stem, 2 = stem + res2, ...
+  # Pretrained backbone put into the fresh initialization (a resumed run's checkpoint replaces it): a directory
+  # written by `python -m retinamask_jax.convert.torchvision`, a Detector export, or a torchvision ResNet .pth.
+  # torchvision ResNets need stride_in_1x1=False, norm='frozen_bn' and their RGB / ImageNet normalization.
+  c.model.backbone_init = ''  # '' = none
 
   c.model.fpn = ml_collections.ConfigDict()
   c.model.fpn.channels = 256
@@ -131,6 +135,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.mask_size = 112  # M: each GT mask is cropped to its box and resized to M x M
   c.data.crowd = 'drop'  # 'drop' (authors) or 'ignore' (anchors overlapping crowd regions are ignored)
   c.data.num_workers = 2
+  # Seed of the data order, multi-scale draws and flips; unset = `seed`. A sweep fixes it so that its seeds vary
+  # only the initialization, and the runs of a --vmap sweep can share each batch.
+  c.data.seed = config_dict.placeholder(int)
   c.data.shapes = ml_collections.ConfigDict()
   c.data.shapes.num_train = 2000
   c.data.shapes.num_val = 200
@@ -155,6 +162,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.weight_decay_norm = 0.0  # on GroupNorm scales (the authors use weight_decay; their GN configs set it)
   c.train.bias_lr_factor = 2.0
   c.train.log_every_steps = 20
+  # A step whose loss or gradients are NaN/Inf is never applied. 'skip': count it (`nonfinite_steps` in
+  # metrics.jsonl) and go on; 'stop': end the run with an error, saving nothing after the last good checkpoint.
+  c.train.nonfinite = 'skip'
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 5000

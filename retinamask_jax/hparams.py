@@ -34,20 +34,11 @@ class HParams:
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> HParams:
-    bmt = config.matching.best_match_threshold
-    values = dict(
-        best_match_threshold=BEST_MATCH_OFF if bmt is None else bmt,
-        positive_iou=config.matching.positive_iou,
-        negative_iou=config.matching.negative_iou,
-        beta=config.loss.beta,
-        beta_max=config.loss.beta_max,
-        focal_alpha=config.loss.focal_alpha,
-        focal_gamma=config.loss.focal_gamma,
-        cls_weight=config.loss.cls_weight,
-        box_weight=config.loss.box_weight,
-        mask_weight=config.loss.mask_weight,
-        lr_scale=config.train.lr_scale,
-    )
+    values = {}
+    for field, key in CONFIG_KEYS.items():
+      section, name = key.split('.')
+      value = config[section][name]
+      values[field] = BEST_MATCH_OFF if value is None else value  # only best_match_threshold may be None
     return cls(**{k: jnp.asarray(v, jnp.float32) for k, v in values.items()})
 
   @classmethod
@@ -59,6 +50,22 @@ class HParams:
     values = {**DEFAULTS, **overrides}
     return cls(**{k: jnp.asarray(v, jnp.float32) for k, v in values.items()})
 
+
+# The config key of each field (DESIGN.md 2.6). Runs whose configs differ only in these keys (and the seeds) share
+# one compiled train step.
+CONFIG_KEYS = dict(
+    best_match_threshold='matching.best_match_threshold',
+    positive_iou='matching.positive_iou',
+    negative_iou='matching.negative_iou',
+    beta='loss.beta',
+    beta_max='loss.beta_max',
+    focal_alpha='loss.focal_alpha',
+    focal_gamma='loss.focal_gamma',
+    cls_weight='loss.cls_weight',
+    box_weight='loss.box_weight',
+    mask_weight='loss.mask_weight',
+    lr_scale='train.lr_scale',
+)
 
 DEFAULTS = dict(
     best_match_threshold=0.0,

@@ -251,6 +251,8 @@ def build_model(
   module = module_from_config(config)
   beta_max = float(config.loss.beta_max)
   pooler = int(config.model.mask.pooler_resolution)
+  # One jitted initializer per model: every state created from it reuses the compilation.
+  init_all = jax.jit(functools.partial(module.init, method=RetinaMask.init_all))
 
   def init_variables_fn(rng: jax.Array, canvas_hw: tuple[int, int] = (512, 512)) -> dict[str, PyTree]:
     """rng: a PRNG key; canvas_hw: (H, W) the model will run on.
@@ -264,7 +266,7 @@ def build_model(
     side = 2**module.fpn_config.max_level
     images = jnp.zeros((1, side, side, 3), jnp.float32)
     rois = jnp.zeros((1, 1, pooler, pooler, module.fpn_config.channels), jnp.float32)
-    variables = dict(jax.jit(functools.partial(module.init, method=RetinaMask.init_all))(rng, images, rois))
+    variables = dict(init_all(rng, images, rois))
     variables.setdefault('frozen', {})
     variables['loss_stats'] = losses.init_loss_stats(beta_max)
     return variables

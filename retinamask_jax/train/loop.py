@@ -8,6 +8,8 @@ it, the state replicated; each process reads only its shard of the data.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import signal
 import time
@@ -17,14 +19,17 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+import optax
 from absl import logging
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from retinamask_jax import losses
 from retinamask_jax.data import coco as coco_lib
 from retinamask_jax.data import pipeline as pipeline_lib
 from retinamask_jax.data import shapes as shapes_lib
 from retinamask_jax.evaluation import coco_eval
+from retinamask_jax.hparams import CONFIG_KEYS as HPARAM_CONFIG_KEYS
 from retinamask_jax.hparams import HParams
 from retinamask_jax.models import retinamask as retinamask_lib
 from retinamask_jax.train import optim
@@ -39,6 +44,10 @@ TRAIN_KEYS = ('image', 'image_size', 'gt_boxes', 'gt_classes', 'gt_masks')
 
 class ConfigError(ValueError):
   """The config cannot work; raised before anything compiles."""
+
+
+class NonFiniteError(RuntimeError):
+  """A step's loss or gradients were not finite and `train.nonfinite` is 'stop'."""
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -103,28 +112,210 @@ def make_mesh() -> Mesh:
 
 
 def create_train_state(
-    config: ml_collections.ConfigDict, model: Any, init_variables: Any, rng: jax.Array
+    config: ml_collections.ConfigDict,
+    model: Any,
+    init_variables: Any,
+    rng: jax.Array,
+    tx: optax.GradientTransformation | None = None,
 ) -> TrainState:
-  canvas = next(iter(pipeline_lib.train_canvases(tuple(config.data.min_sizes), config.data.max_size).values()))
-  variables = init_variables(rng, canvas)
-  frozen_mask = retinamask_lib.frozen_params_mask(variables['params'], config)
-  tx = optim.make_optimizer(config, variables['params'], frozen_mask)
+  """A fresh state from `rng`; `tx` (default: built from the config) is the optimizer definition."""
+  del model  # the variables come from init_variables
+  variables = init_variables(rng, _first_canvas(config))
+  # From this run's config: a program shared by a beta_max sweep was built with another point's value.
+  variables['loss_stats'] = losses.init_loss_stats(config.loss.beta_max)
+  if config.model.get('backbone_init'):
+    # Pretrained (converted) backbone over the fresh init; the optimizer state below is created from it.
+    from retinamask_jax.convert import init_backbone
+
+    variables = init_backbone(variables, config)
+  if tx is None:
+    tx = optim.make_optimizer(
+        config, variables['params'], retinamask_lib.frozen_params_mask(variables['params'], config)
+    )
   return TrainState.create(variables, tx, HParams.from_config(config))
 
 
+def _first_canvas(config: ml_collections.ConfigDict) -> tuple[int, int]:
+  return next(iter(pipeline_lib.train_canvases(tuple(config.data.min_sizes), config.data.max_size).values()))
+
+
+# Config entries the compiled train step does not read: the traced knobs arrive in state.hparams, the seeds only
+# change the data and the initial values, and the rest is bookkeeping outside the step.
+_NOT_IN_PROGRAM = (
+    ('seed',), ('data',), ('eval',), ('checkpoint',), ('train', 'log_every_steps'),
+    ('model', 'category_ids'), ('model', 'class_names'), ('model', 'backbone_init'), ('train', 'nonfinite'),
+) + tuple(tuple(key.split('.')) for key in HPARAM_CONFIG_KEYS.values())
+
+
+def program_key(config: ml_collections.ConfigDict) -> str:
+  """The part of `config` the compiled train step depends on, as canonical JSON.
+
+  Runs whose keys are equal (e.g. the points of a best-match-threshold sweep, or several seeds) share one
+  `TrainProgram`, hence one compilation per canvas.
+  """
+  tree = config.to_dict()
+  for path in _NOT_IN_PROGRAM:
+    node = tree
+    for name in path[:-1]:
+      node = node.get(name, {})
+    node.pop(path[-1], None)
+  return json.dumps(tree, sort_keys=True, default=repr)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainProgram:
+  """What every run with the same `program_key` shares within a process: the module, its initializer, the
+  optimizer definition, the pure train step, and its compiled forms (one per mesh and kind)."""
+
+  model: Any
+  init_variables: Any
+  tx: optax.GradientTransformation
+  step_fn: Any  # train_step(state, batch, rng) -> (state, metrics), pure
+  compiled: dict[Any, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+  def create_state(self, config: ml_collections.ConfigDict, rng: jax.Array) -> TrainState:
+    return create_train_state(config, self.model, self.init_variables, rng, tx=self.tx)
+
+  def jitted_step(self, mesh: Mesh) -> Any:
+    """The step jitted for a replicated state and a batch sharded on `mesh`'s `data` axis; state donated."""
+    key = ('jit', mesh)
+    if key not in self.compiled:
+      replicated = NamedSharding(mesh, P())
+      self.compiled[key] = jax.jit(self.step_fn, donate_argnums=(0,), out_shardings=(replicated, replicated))
+    return self.compiled[key]
+
+  def vmapped_step(self, mesh: Mesh) -> Any:
+    """`step(states, batch, rngs)` over states and rngs stacked on a leading run axis (sharded on `mesh`'s
+    `sweep` axis) and one batch shared by every run (sharded on `data`): several runs as one program."""
+    key = ('vmap', mesh)
+    if key not in self.compiled:
+      stacked = NamedSharding(mesh, P('sweep'))
+      self.compiled[key] = jax.jit(
+          jax.vmap(self.step_fn, in_axes=(0, None, 0)), donate_argnums=(0,), out_shardings=(stacked, stacked)
+      )
+    return self.compiled[key]
+
+  def predictor(self, config: ml_collections.ConfigDict, with_masks: bool) -> Any:
+    """Jitted `predict(variables, images, image_size)` (see `make_predict_fn`)."""
+    key = ('predict', with_masks)
+    if key not in self.compiled:
+      self.compiled[key] = jax.jit(make_predict_fn(self.model, config, with_masks))
+    return self.compiled[key]
+
+
+_PROGRAMS: dict[str, TrainProgram] = {}
+
+
+def train_program(config: ml_collections.ConfigDict) -> TrainProgram:
+  """The shared `TrainProgram` of `config` (built on first use in this process)."""
+  key = program_key(config)
+  if key not in _PROGRAMS:
+    model, init_variables = retinamask_lib.build_model(config)
+    params = jax.eval_shape(lambda rng: init_variables(rng, _first_canvas(config)), jax.random.key(0))['params']
+    tx = optim.make_optimizer(config, params, retinamask_lib.frozen_params_mask(params, config))
+    _PROGRAMS[key] = TrainProgram(model, init_variables, tx, make_train_step(model, config))
+  return _PROGRAMS[key]
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Checks that need no data and no compilation; each error names the key."""
+  """Checks that need no data and no compilation; each error names the key.
+
+  Keys and types are checked against `configs/base.py` (every knob, with its default) when the repo's configs
+  are importable: a key that is not there is a typo (an unlocked ConfigDict would silently carry it), a value of
+  another type would fail late or not at all. Canvases need no check of their own: `pipeline.train_canvases`
+  rounds every training and test size up to a multiple of 128, so any positive size gives valid canvases; what can
+  be wrong is a size that is not a positive integer.
+  """
+  _check_against_defaults(config)
   n = jax.device_count()
-  if config.train.batch_size % n:
-    raise ConfigError(f'train.batch_size = {config.train.batch_size} is not divisible by the {n} devices')
-  if config.train.batch_size % jax.process_count():
-    raise ConfigError(f'train.batch_size must be divisible by the {jax.process_count()} processes')
-  if config.train.num_steps < 0:
-    raise ConfigError('train.num_steps must be >= 0')
-  if config.train.base_lr <= 0:
-    raise ConfigError(f'train.base_lr must be > 0, got {config.train.base_lr}')
-  if config.eval.batch_size % n:
-    raise ConfigError(f'eval.batch_size = {config.eval.batch_size} is not divisible by the {n} devices')
+  t, d = config.train, config.data
+
+  def need(ok: bool, message: str) -> None:
+    if not ok:
+      raise ConfigError(message)
+
+  need(t.batch_size >= 1, f'train.batch_size must be >= 1, got {t.batch_size}')
+  need(t.batch_size % n == 0, f'train.batch_size = {t.batch_size} is not divisible by the {n} devices')
+  need(t.batch_size % jax.process_count() == 0,
+       f'train.batch_size = {t.batch_size} is not divisible by the {jax.process_count()} processes')
+  need(t.num_steps >= 0, f'train.num_steps must be >= 0, got {t.num_steps}')
+  need(t.base_lr > 0, f'train.base_lr must be > 0, got {t.base_lr}')
+  need(t.get('lr_scale', 1.0) > 0, f'train.lr_scale must be > 0, got {t.get("lr_scale")}')
+  need(t.log_every_steps >= 1, f'train.log_every_steps must be >= 1, got {t.log_every_steps}')
+  need(t.get('nonfinite', 'skip') in ('skip', 'stop'),
+       f"train.nonfinite must be 'skip' or 'stop', got {t.get('nonfinite')!r}")
+  need(config.checkpoint.every_steps >= 1, f'checkpoint.every_steps must be >= 1, got {config.checkpoint.every_steps}')
+  need(config.checkpoint.keep >= 1, f'checkpoint.keep must be >= 1, got {config.checkpoint.keep}')
+  need(config.eval.batch_size >= 1, f'eval.batch_size must be >= 1, got {config.eval.batch_size}')
+  need(config.eval.batch_size % n == 0,
+       f'eval.batch_size = {config.eval.batch_size} is not divisible by the {n} devices')
+  need(config.eval.batch_size % jax.process_count() == 0,
+       f'eval.batch_size = {config.eval.batch_size} is not divisible by the {jax.process_count()} processes')
+  sizes = tuple(d.min_sizes) if isinstance(d.min_sizes, (tuple, list)) else ()
+  need(len(sizes) > 0 and all(_positive_int(v) for v in sizes),
+       f'data.min_sizes must be a non-empty sequence of positive integers, got {d.min_sizes!r}')
+  for key in ('max_size', 'test_min_size', 'test_max_size', 'max_instances', 'mask_size'):
+    need(_positive_int(d[key]), f'data.{key} must be a positive integer, got {d[key]!r}')
+  need(d.crowd in ('drop', 'ignore'), f"data.crowd must be 'drop' or 'ignore', got {d.crowd!r}")
+  need(0.0 <= d.hflip_prob <= 1.0, f'data.hflip_prob must be in [0, 1], got {d.hflip_prob}')
+  need(d.num_workers >= 0, f'data.num_workers must be >= 0, got {d.num_workers}')
+  need(config.model.compute_dtype in ('float32', 'bfloat16'),
+       f"model.compute_dtype must be 'float32' or 'bfloat16', got {config.model.compute_dtype!r}")
+  canvases = list(pipeline_lib.train_canvases(sizes, d.max_size).values())
+  canvases += [pipeline_lib.test_canvas(d.test_min_size, d.test_max_size, o) for o in pipeline_lib.ORIENTATIONS]
+  # The model's coarsest level (stride 2^max_level <= 128) needs whole cells: a guard on train_canvases itself.
+  need(all(h % 128 == 0 and w % 128 == 0 for h, w in canvases),
+       f'data.min_sizes / data.max_size: canvases {canvases} are not all multiples of 128')
+
+
+def _positive_int(value: Any) -> bool:
+  return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value > 0
+
+
+def _flat_items(tree: Any, prefix: str = '') -> dict[str, Any]:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flat_items(value, f'{prefix}{key}.'))
+    else:
+      out[f'{prefix}{key}'] = value
+  return out
+
+
+def _same_kind(value: Any, default: Any) -> bool:
+  """Whether `value` may stand where `default` is: same type, ints for floats, lists for tuples (JSON)."""
+  if default is None or value is None:
+    return True  # placeholders (e.g. matching.best_match_threshold = None turns a feature off)
+  if isinstance(default, bool) or isinstance(value, bool):
+    return isinstance(value, bool) and isinstance(default, bool)
+  if isinstance(default, float):
+    return isinstance(value, (int, float))
+  if isinstance(default, (tuple, list)):
+    if not isinstance(value, (tuple, list)):
+      return False
+    kinds = {type(v) for v in default}
+    return len(kinds) != 1 or not default or all(_same_kind(v, default[0]) for v in value)
+  return isinstance(value, type(default))
+
+
+def _check_against_defaults(config: ml_collections.ConfigDict) -> None:
+  try:
+    from configs import base as base_config
+  except ImportError:  # the library used without the repo's configs/: nothing to check against
+    return
+  if not hasattr(base_config, 'get_config'):
+    return
+  import difflib
+
+  defaults = _flat_items(base_config.get_config().to_dict())
+  for key, value in _flat_items(config.to_dict()).items():
+    if key not in defaults:
+      close = difflib.get_close_matches(key, list(defaults), n=1)
+      hint = f' (did you mean {close[0]}?)' if close else ''
+      raise ConfigError(f'{key}: unknown config key{hint}; every key is in configs/base.py')
+    if not _same_kind(value, defaults[key]):
+      raise ConfigError(f'{key}: expected a value like {defaults[key]!r} ({type(defaults[key]).__name__}), '
+                        f'got {value!r} ({type(value).__name__})')
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -168,8 +359,8 @@ class _Preemption:
       signal.signal(sig, handler)
 
 
-def _eval_predictor(model, config, variables, mesh: Mesh, with_masks: bool):
-  predict = jax.jit(make_predict_fn(model, config, with_masks))
+def _eval_predictor(config, variables, mesh: Mesh, with_masks: bool):
+  predict = train_program(config).predictor(config, with_masks)
   data_sharding = NamedSharding(mesh, P('data'))
 
   def run(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -177,7 +368,7 @@ def _eval_predictor(model, config, variables, mesh: Mesh, with_masks: bool):
     dets = predict(variables, inputs['image'], inputs['image_size'])
     return {k: _local_numpy(v) for k, v in dets.items()}
 
-  return run, predict
+  return run
 
 
 def run_evaluation(
@@ -190,7 +381,8 @@ def run_evaluation(
 ) -> dict[str, float]:
   """COCO bbox (+ segm) evaluation of `variables` on `dataset`; results JSON and tables in out_dir."""
   with_masks = bool(config.model.mask.enabled)
-  predict, _ = _eval_predictor(model, config, variables, mesh, with_masks)
+  del model  # the program shared by every run of this config's structure brings its own
+  predict = _eval_predictor(config, variables, mesh, with_masks)
   per_process = config.eval.batch_size // jax.process_count()
   kwargs = dict(batch_size=per_process, process_index=jax.process_index(),
                 process_count=jax.process_count())
@@ -234,28 +426,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   mesh = make_mesh()
   replicated = NamedSharding(mesh, P())
   data_sharding = NamedSharding(mesh, P('data'))
-  model, init_variables = retinamask_lib.build_model(config)
-  rng = jax.random.key(config.seed)
-  state = create_train_state(config, model, init_variables, rng)
+  program = train_program(config)
+  model, train_step = program.model, program.jitted_step(mesh)
+  state = program.create_state(config, jax.random.key(config.seed))
 
   checkpointer = Checkpointer(os.path.join(workdir, 'checkpoints'), keep=config.checkpoint.keep)
   writer = MetricsWriter(workdir, enabled=is_main)
-  data_state = {'next_index': 0}
+  data_state: dict[str, Any] = {}
   if checkpointer.latest_step() is not None:
     state, data_state = checkpointer.restore(state, sharding=replicated)
     # The config is the source of truth for the traced knobs (a resumed sweep point keeps its own values).
     state = state.replace(hparams=HParams.from_config(config))
-    dropped = writer.truncate_after(int(state.step))
-    logging.info('resumed from step %d (%d metrics lines after it dropped)', int(state.step), dropped)
-    if is_main:
-      print(f'Resuming from checkpoint at step {int(state.step)}.', flush=True)
   state = jax.device_put(state, replicated)
-  start_step = int(state.step)
+  # Steps taken, skipped non-finite ones included: state.step counts the updates applied, and the data position
+  # and metrics.jsonl follow the steps taken (checkpoints from before the skip counting hold only next_index).
+  start_step = int(data_state.get('step', data_state.get('next_index', state.step)))
+  # Also without a checkpoint: a run killed before its first save completed leaves lines that step 1 repeats.
+  dropped = writer.truncate_after(start_step)
+  if data_state:
+    logging.info('resumed from step %d (%d metrics lines after it dropped)', start_step, dropped)
+    if is_main:
+      print(f'Resuming from checkpoint at step {start_step}.', flush=True)
+  elif dropped:
+    logging.info('no checkpoint to resume from: %d metrics lines of an earlier attempt dropped', dropped)
   num_steps = config.train.num_steps
+  problems_before = pipeline_lib.data_problem_counts()
 
-  train_step = jax.jit(
-      make_train_step(model, config), donate_argnums=(0,), out_shardings=(replicated, replicated)
-  )
   batches: Iterator[dict[str, np.ndarray]] = pipeline_lib.make_train_iterator(
       train_ds, config,
       global_batch_size=config.train.batch_size,
@@ -268,14 +464,65 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   last_log_time, last_log_step = time.perf_counter(), start_step
   step_rng = jax.random.key(config.seed + 1)
 
+  # Non-finite steps (the step function leaves the state as it was): counted on device without a sync per step,
+  # fetched at log steps and before every save.
+  stop_on_nonfinite = config.train.get('nonfinite', 'skip') == 'stop'
+  nonfinite_before = int(data_state.get('nonfinite_steps', 0))
+  nonfinite_count = jax.device_put(np.zeros((), np.int32), replicated)  # this session's
+  first_nonfinite = jax.device_put(np.full((), -1, np.int32), replicated)
+  nonfinite_logged = 0
+
+  @jax.jit
+  def tally(count, first, nonfinite, step):
+    bad = nonfinite > 0
+    return count + bad.astype(count.dtype), jax.numpy.where(bad & (first < 0), step, first).astype(first.dtype)
+
+  def nonfinite_total() -> int:
+    nonlocal nonfinite_logged
+    count = int(nonfinite_count)
+    if count > nonfinite_logged:
+      nonfinite_logged = count
+      logging.warning('%d step(s) with a non-finite loss or gradient so far (the first at step %d); %s',
+                      nonfinite_before + count, int(first_nonfinite),
+                      'stopping (train.nonfinite=stop)' if stop_on_nonfinite else 'their updates were skipped')
+    if stop_on_nonfinite and count:
+      # Nothing of this session after the bad step is saved: the latest checkpoint stays the last good state.
+      checkpointer.close()
+      writer.close()
+      bar.close()
+      raise NonFiniteError(
+          f'step {int(first_nonfinite)}: the loss or a gradient is NaN/Inf and train.nonfinite is "stop"; the '
+          f'last good checkpoint is step {checkpointer.latest_step()} in {checkpointer.directory} (nothing after '
+          'the bad step was saved). Set --config.train.nonfinite=skip to skip such steps instead.')
+    return nonfinite_before + count
+
+  def report_data_problems() -> None:
+    # One summary of what was reported one by one: the annotation files' problems (found when loaded) and the
+    # images' problems this session's pipeline met (unreadable files, truncated GT, ...). Process 0's view: other
+    # processes read other images and report those themselves.
+    now = pipeline_lib.data_problem_counts()
+    parts = {
+        'train annotations': train_ds.report,
+        'val annotations': val_ds.report if val_ds is not None else {},
+        'images': {k: v - problems_before.get(k, 0) for k, v in now.items() if v > problems_before.get(k, 0)},
+    }
+    text = '; '.join(f'{where}: ' + ', '.join(f'{k}={v}' for k, v in sorted(counts.items()))
+                     for where, counts in parts.items() if counts)
+    if text and is_main:
+      line = f'data problems (each reported once above, with what was done): {text}'
+      logging.warning(line)
+      print(line, flush=True)
+
   def save(step: int) -> None:
-    checkpointer.save(step, state, {'next_index': step}, config)
+    skipped = nonfinite_total()
+    checkpointer.save(step, state, {'step': step, 'next_index': step, 'nonfinite_steps': skipped}, config)
 
   with _Preemption() as preemption:
     while step < num_steps:
       batch = next(batches)
       inputs = _to_global(batch, TRAIN_KEYS, data_sharding)
       state, metrics = train_step(state, inputs, jax.random.fold_in(step_rng, step))
+      nonfinite_count, first_nonfinite = tally(nonfinite_count, first_nonfinite, metrics['nonfinite'], step + 1)
       step += 1
       log_now = step % config.train.log_every_steps == 0 or step == num_steps
       if log_now:
@@ -285,9 +532,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         last_log_time, last_log_step = now, step
         record = {k: float(v) for k, v in metrics.items()}
         record.update(images_per_s=images_per_s, canvas=list(batch['image'].shape[1:3]),
-                      train_step_compilations=int(train_step._cache_size()))
+                      train_step_compilations=int(train_step._cache_size()),
+                      nonfinite_steps=nonfinite_before + int(nonfinite_count))
         writer.write(step, record)
         bar.update(step, f"loss {record['loss']:.4f} {images_per_s:.1f} img/s")
+        nonfinite_total()
       else:
         bar.update(step)
       if step % config.checkpoint.every_steps == 0 or step == num_steps:
@@ -298,15 +547,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                  os.path.join(workdir, 'eval', f'step_{step}'), mesh)
         writer.write(step, metrics, kind='eval')
       if preemption.signum is not None:
-        save(step)
-        checkpointer.close()
-        writer.close()
-        bar.close()
-        print(f'Stopped by signal {preemption.signum} at step {step}; checkpoint saved, '
-              're-run the same command to resume.', flush=True)
-        raise SystemExit(128 + preemption.signum)
+        break
+    if preemption.signum is None:
+      checkpointer.wait()  # the final save; a signal now still ends the run cleanly, below
+    if preemption.signum is not None:
+      save(step)  # a no-op when this step was just saved
+      checkpointer.close()
+      writer.close()
+      bar.close()
+      report_data_problems()
+      print(f'Stopped by signal {preemption.signum} at step {step}; checkpoint saved, '
+            're-run the same command to resume.', flush=True)
+      raise SystemExit(128 + preemption.signum)
   bar.close()
-  checkpointer.wait()
 
   final: dict[str, float] = {}
   if val_ds is not None:
@@ -322,6 +575,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       writer.write(step, final, kind='eval')
     if is_main and config.eval.num_prediction_images:
       _write_sample_predictions(config, model, state.variables, val_ds, os.path.join(workdir, 'predictions'))
+  report_data_problems()
   checkpointer.close()
   writer.close()
   return final

@@ -1,0 +1,183 @@
+"""Sweeps (issue: ablations are data): grid parsing, tables, one compilation per sweep, vmapped runs == runs alone."""
+
+import json
+import logging
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from configs import tiny
+from retinamask_jax import sweep
+from retinamask_jax.train import loop
+
+THRESHOLDS = 'matching.best_match_threshold=0.0,0.3,0.5,0.7,off'
+
+
+def test_parse_grid_types_values_like_the_config():
+  c = tiny.get_config()
+  g = sweep.parse_grid(THRESHOLDS, c)
+  assert g.keys == ('matching.best_match_threshold',)
+  assert g.points == ((0.0,), (0.3,), (0.5,), (0.7,), (None,))
+  g = sweep.parse_grid('loss.self_adjusting,loss.beta_max=false:0.11,true:1', c)
+  assert g.points == ((False, 0.11), (True, 1.0))
+  assert isinstance(g.points[1][1], float)
+  g = sweep.parse_grid('model.mask.min_level,train.num_steps=2:10,3:15', c)
+  assert g.points == ((2, 10), (3, 15))
+
+
+@pytest.mark.parametrize('spec, message', [
+    ('matching.best_match=0.1', "'matching.best_match' is not a config key"),
+    ('matching=0.1', 'is a config section'),
+    ('loss.self_adjusting=yes', 'takes true/false'),
+    ('train.num_steps=ten', 'cannot read'),
+    ('train.num_steps=1.5', 'takes a int'),
+    ('loss.beta,loss.beta_max=0.1:0.2,0.3', "point '0.3' has 1 values for 2 keys"),
+    ('seed=1,2', 'use --seeds'),
+    ('matching.best_match_threshold', 'expected'),
+])
+def test_bad_grids_name_the_problem(spec, message):
+  with pytest.raises(sweep.SweepError, match=message):
+    sweep.parse_grid(spec, tiny.get_config())
+
+
+def test_expand_is_the_product_times_seeds_with_the_data_order_pinned():
+  c = tiny.get_config()
+  c.seed = 7
+  grids = [sweep.parse_grid('matching.best_match_threshold=0.0,off', c), sweep.parse_grid('loss.beta_max=0.11,1.0', c)]
+  runs = sweep.expand(c, grids, 3)
+  assert len(runs) == 12 and len({r.name for r in runs}) == 12
+  assert {r.seed for r in runs} == {7, 8, 9}
+  assert all(r.config.data.seed == 7 for r in runs)
+  off = [r for r in runs if r.overrides['matching.best_match_threshold'] is None]
+  assert len(off) == 6 and all(r.config.matching.best_match_threshold is None for r in off)
+  # Traced knobs and seeds do not split a vmap group; a structural switch does.
+  assert len(sweep.vmap_groups(runs)) == 1
+  runs += sweep.expand(c, [sweep.parse_grid('loss.self_adjusting=false', c)], 1)
+  assert len(sweep.vmap_groups(runs)) == 2
+
+
+def test_markdown_table_hand_worked():
+  rows = [
+      {'overrides': {'a.t': 0.5}, 'bbox/AP': 0.30, 'bbox/AP50': 0.5, 'bbox/AP75': 0.2, 'bbox/APs': 0.1,
+       'bbox/APm': 0.2, 'bbox/APl': -1.0, 'train_seconds': 10.0},
+      {'overrides': {'a.t': 0.5}, 'bbox/AP': 0.32, 'bbox/AP50': 0.5, 'bbox/AP75': 0.2, 'bbox/APs': 0.1,
+       'bbox/APm': 0.2, 'bbox/APl': -1.0, 'train_seconds': 20.0},
+      {'overrides': {'a.t': None}, 'bbox/AP': 0.25, 'bbox/AP50': 0.4, 'bbox/AP75': 0.1, 'bbox/APs': 0.0,
+       'bbox/APm': 0.3, 'bbox/APl': -1.0, 'train_seconds': 5.0},
+  ]
+  lines = sweep.markdown_table(rows, ['a.t']).splitlines()
+  assert lines[0] == '| t | box AP | box AP50 | box AP75 | box APs | box APm | box APl | seeds | train s |'
+  # mean 31.0, sample std of (30, 32) = 1.414; -1 (no objects of that size) shows as '-'
+  assert lines[2] == '| 0.5 | 31.0 ± 1.4 | 50.0 ± 0.0 | 20.0 ± 0.0 | 10.0 ± 0.0 | 20.0 ± 0.0 | - | 2 | 15 |'
+  assert lines[3] == '| off | 25.0 | 40.0 | 10.0 | 0.0 | 30.0 | - | 1 | 5 |'
+
+
+def _sweep_config():
+  c = tiny.get_config()
+  c.train.num_steps = 10
+  c.train.log_every_steps = 1
+  c.checkpoint.every_steps = 5
+  c.eval.max_images = 4
+  c.eval.num_prediction_images = 0
+  return c
+
+
+def _losses(workdir, name):
+  with open(os.path.join(workdir, 'runs', name, 'metrics.jsonl')) as f:
+    records = [json.loads(line) for line in f]
+  train = [r for r in records if r.get('kind', 'train') == 'train']
+  assert [r['step'] for r in train] == list(range(1, 11))
+  return np.array([r['loss'] for r in train])
+
+
+class _CompileLog(logging.Handler):
+  """Counts JAX's 'Compiling jit(train_step)' log lines (jax_log_compiles): a count independent of the jit cache."""
+
+  def __init__(self):
+    super().__init__(logging.WARNING)
+    self.count = 0
+
+  def emit(self, record):
+    self.count += 'Compiling jit(train_step)' in record.getMessage()
+
+
+@pytest.fixture(scope='module')
+def sweeps(tmp_path_factory):
+  """The same 5-point threshold sweep, sequential and --vmap, 10 steps per run, metrics at every step."""
+  loop._PROGRAMS.clear()  # other tests of this process may have built the same program
+  root = tmp_path_factory.mktemp('sweeps')
+  c = _sweep_config()
+  grids = [sweep.parse_grid(THRESHOLDS, c)]
+  log = _CompileLog()
+  logging.getLogger('jax').addHandler(log)
+  jax.config.update('jax_log_compiles', True)
+  try:
+    rows = sweep.run_sweep(c, str(root / 'seq'), grids)
+    seq_logged, log.count = log.count, 0
+    vrows = sweep.run_sweep(c, str(root / 'vmap'), grids, vmap=True)
+    vmap_logged = log.count
+  finally:
+    jax.config.update('jax_log_compiles', False)
+    logging.getLogger('jax').removeHandler(log)
+  return dict(root=root, config=c, grids=grids, rows=rows, vrows=vrows, seq_logged=seq_logged,
+              vmap_logged=vmap_logged)
+
+
+def test_a_threshold_sweep_compiles_the_train_step_once(sweeps):
+  assert [r['train_step_compilations'] for r in sweeps['rows']] == [1, 0, 0, 0, 0]
+  assert sweeps['seq_logged'] == 1
+
+
+def test_a_vmap_sweep_compiles_once_in_total(sweeps):
+  vrows = sweeps['vrows']
+  assert sum(r['train_step_compilations'] for r in vrows) == 1
+  assert sweeps['vmap_logged'] == 1
+  assert all(r['runs_in_program'] == 5 and r['mode'] == 'vmap' for r in vrows)
+
+
+def _all_losses(sweeps, kind):
+  return {r['overrides']['matching.best_match_threshold']: _losses(sweeps['root'] / kind, r['name'])
+          for r in sweeps['rows']}
+
+
+def test_vmapped_runs_track_the_same_runs_alone(sweeps):
+  """Step 1 (before any update) is the same computation: equal to float rounding for every run, so each run
+  gets its own hparams and nothing leaks between runs. Later steps drift apart (see the next test)."""
+  alone, vmapped = _all_losses(sweeps, 'seq'), _all_losses(sweeps, 'vmap')
+  for t in alone:
+    np.testing.assert_allclose(vmapped[t][0], alone[t][0], rtol=1e-6, err_msg=str(t))
+    np.testing.assert_allclose(vmapped[t], alone[t], rtol=2e-2, err_msg=str(t))
+  # The threshold really is traced: 0.0 and 0.3 match more anchors than plain matching; 0.5 is plain matching.
+  assert abs(alone[0.0][0] - alone[None][0]) > 1e-3
+  np.testing.assert_allclose(alone[0.5], alone[None], rtol=1e-6)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    'Measured: the vmapped program (5 runs) and the run alone agree to 1e-6 at step 1 but drift to ~7e-3 '
+    'relative by step 10. One-step gradients of some backbone weights differ by up to 15% between the two '
+    'compiled programs (run stacks of 2 or 5 give one answer, 1, 3, 4, 6-10 the other, bitwise reproducibly), '
+    'so the loss is at a non-smooth point and the two programs take different subgradients. Root cause not '
+    'found yet; see the sweep notes in BENCHMARKS.md.'))
+def test_vmapped_runs_equal_the_same_runs_alone_to_1e_5_over_10_steps(sweeps):
+  alone, vmapped = _all_losses(sweeps, 'seq'), _all_losses(sweeps, 'vmap')
+  for t in alone:
+    np.testing.assert_allclose(vmapped[t], alone[t], rtol=1e-5, err_msg=str(t))
+
+
+def test_sweep_writes_normal_run_dirs_tables_and_resumes(sweeps):
+  root, vrows = sweeps['root'], sweeps['vrows']
+  for row in vrows:
+    run_dir = root / 'vmap' / 'runs' / row['name']
+    assert (run_dir / 'checkpoints' / '10').is_dir()
+    assert (run_dir / 'eval' / 'step_10' / 'bbox_results.json').exists()
+    assert 'bbox/AP' in row and 'segm/AP' in row
+  table = (root / 'vmap' / 'sweep.md').read_text()
+  assert table.count('\n') == 2 + 5
+  assert json.loads((root / 'vmap' / 'sweep.json').read_text()) == vrows
+  # Finished runs are not run again.
+  before = {p: p.stat().st_mtime for p in (root / 'seq' / 'runs').glob('*/metrics.jsonl')}
+  again = sweep.run_sweep(sweeps['config'], str(root / 'seq'), sweeps['grids'])
+  assert again == sweeps['rows']
+  assert {p: p.stat().st_mtime for p in before} == before
