@@ -158,16 +158,17 @@ def expand(config: ml_collections.ConfigDict, grids: Sequence[Grid], num_seeds: 
   return runs
 
 
+# What runs of one vmapped program may differ in: the traced knobs and the seed.
+_VMAPPABLE = (('seed',),) + tuple(tuple(key.split('.')) for key in HPARAM_CONFIG_KEYS.values())
+
+
 def vmap_groups(runs: Sequence[Run]) -> list[list[Run]]:
   """Runs that may train as one program: equal in everything but the traced knobs and the seed."""
+  from retinamask_jax.train import loop
+
   groups: dict[str, list[Run]] = {}
   for run in runs:
-    tree = run.config.to_dict()
-    tree.pop('seed')
-    for key in HPARAM_CONFIG_KEYS.values():
-      section, name = key.split('.')
-      tree[section].pop(name)
-    groups.setdefault(json.dumps(tree, sort_keys=True, default=repr), []).append(run)
+    groups.setdefault(loop.config_key(run.config, _VMAPPABLE), []).append(run)
   return list(groups.values())
 
 
@@ -200,7 +201,7 @@ def _row(run: Run, metrics: dict[str, float], **extra: Any) -> dict[str, Any]:
   return row
 
 
-def _shared_data(config: ml_collections.ConfigDict, workdir: str) -> None:
+def _shared_data(config: ml_collections.ConfigDict, workdir: str) -> tuple[Any, Any]:
   """Point the config at the sweep's data (the shapes dataset is generated once, in `<workdir>/data`) and set
   its classes, so that every run sees the same files and the same program key from the start."""
   from retinamask_jax.train import loop
@@ -211,6 +212,7 @@ def _shared_data(config: ml_collections.ConfigDict, workdir: str) -> None:
     config.data.train_json, config.data.train_images = train.json_path, train.images_dir
     if val is not None:
       config.data.val_json, config.data.val_images = val.json_path, val.images_dir
+  return train, val
 
 
 def _run_sequential(run: Run, workdir: str) -> dict[str, Any]:
@@ -227,7 +229,9 @@ def _run_sequential(run: Run, workdir: str) -> dict[str, Any]:
               train_step_compilations=int(step_fn._cache_size() - before))
 
 
-def _run_vmapped(runs: list[Run], workdir: str, group_dir: str, sweep_devices: int) -> list[dict[str, Any]]:
+def _run_vmapped(
+    runs: list[Run], workdir: str, group_dir: str, sweep_devices: int, datasets: tuple[Any, Any]
+) -> list[dict[str, Any]]:
   """Train `runs` (one vmap group) as one program, then save and evaluate each run on its own."""
   import jax.numpy as jnp
   from jax.sharding import Mesh, NamedSharding
@@ -253,7 +257,7 @@ def _run_vmapped(runs: list[Run], workdir: str, group_dir: str, sweep_devices: i
   mesh = Mesh(np.asarray(devices).reshape(sweep_devices, data_devices), ('sweep', 'data'))
   stacked_sharding = NamedSharding(mesh, P('sweep'))
   data_sharding = NamedSharding(mesh, P('data'))
-  train_ds, val_ds = loop.prepare_datasets(config, workdir)
+  train_ds, val_ds = datasets
 
   program = loop.train_program(config)
   step_fn = program.vmapped_step(mesh)
@@ -363,7 +367,7 @@ def run_sweep(
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   config = ml_collections.ConfigDict(config.to_dict())
-  _shared_data(config, workdir)
+  datasets = _shared_data(config, workdir)
   runs = expand(config, grids, num_seeds)
   names = [r.name for r in runs]
   if len(set(names)) != len(names):
@@ -381,7 +385,7 @@ def run_sweep(
     for index, group in enumerate(vmap_groups(todo)):
       print(f'sweep: program {index}: {len(group)} runs ({", ".join(r.name for r in group)})', flush=True)
       group_dir = os.path.join(workdir, 'programs', '+'.join(sorted(r.name for r in group))[:200])
-      for row in _run_vmapped(group, workdir, group_dir, sweep_devices):
+      for row in _run_vmapped(group, workdir, group_dir, sweep_devices, datasets):
         rows[row['name']] = row
   else:
     for index, run in enumerate(todo):

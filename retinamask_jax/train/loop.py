@@ -147,19 +147,24 @@ _NOT_IN_PROGRAM = (
 ) + tuple(tuple(key.split('.')) for key in HPARAM_CONFIG_KEYS.values())
 
 
+def config_key(config: ml_collections.ConfigDict, without: tuple[tuple[str, ...], ...]) -> str:
+  """`config` as canonical JSON with the entries at the paths `without` (e.g. ('train', 'lr_scale')) removed."""
+  tree = config.to_dict()
+  for path in without:
+    node = tree
+    for name in path[:-1]:
+      node = node.get(name, {})
+    node.pop(path[-1], None)
+  return json.dumps(tree, sort_keys=True, default=repr)
+
+
 def program_key(config: ml_collections.ConfigDict) -> str:
   """The part of `config` the compiled train step depends on, as canonical JSON.
 
   Runs whose keys are equal (e.g. the points of a best-match-threshold sweep, or several seeds) share one
   `TrainProgram`, hence one compilation per canvas.
   """
-  tree = config.to_dict()
-  for path in _NOT_IN_PROGRAM:
-    node = tree
-    for name in path[:-1]:
-      node = node.get(name, {})
-    node.pop(path[-1], None)
-  return json.dumps(tree, sort_keys=True, default=repr)
+  return config_key(config, _NOT_IN_PROGRAM)
 
 
 @dataclasses.dataclass(frozen=True)
