@@ -9,7 +9,9 @@ in the test file. Checks:
                  over 8 devices; one bfloat16 step; a checkpoint of the 8-device state and its detections.
   multihost      (2 devices, args: port process_id) one of 2 processes of `jax.distributed`: the same 3 steps on
                  the same global batches of 8, of which this process loads only its half.
-  ckpt_restore   (1 device) restore data_parallel's checkpoint, detections again.
+  ckpt_restore   (1 or 4 devices, args: source) restore a checkpoint data_parallel wrote (`eight_devices`: state
+                 replicated on 8 devices; `one_device`: state on one device) onto a ('data',) mesh of all this
+                 process's devices; its arrays, its detections, and one more sharded step from it.
 """
 
 from __future__ import annotations
@@ -165,15 +167,17 @@ def data_parallel(out: str, train_json: str, train_images: str) -> None:
   timings['bf16_step'] = {'total_s': time.perf_counter() - t0}
   np.savez(os.path.join(out, 'bf16.npz'), **flatten(state, metrics))
 
-  # Checkpoint of the state trained on 8 devices (every leaf replicated on all 8), and its detections.
-  state = states['eight_devices']
-  assert all(len(x.sharding.device_set) == 8 for x in jax.tree.leaves(state.params))
+  # Checkpoints of the state trained on 8 devices (every leaf replicated on all 8) and of the one trained on one
+  # device, with their detections: ckpt_restore puts them on other meshes (8 -> 1, 1 -> 4).
+  assert all(len(x.sharding.device_set) == 8 for x in jax.tree.leaves(states['eight_devices'].params))
+  assert all(len(x.sharding.device_set) == 1 for x in jax.tree.leaves(states['one_device'].params))
   t0 = time.perf_counter()
-  checkpointer = Checkpointer(os.path.join(out, 'checkpoints'), async_save=False)
-  checkpointer.save(int(state.step), state, {'next_index': int(state.step)}, c)
-  checkpointer.close()
   images = [r.file_name for r in ds.records[:4]]
-  np.savez(os.path.join(out, 'saved_detections.npz'), **detections(c, model, state.variables, images))
+  for name, state in states.items():
+    checkpointer = Checkpointer(os.path.join(out, f'checkpoints_{name}'), async_save=False)
+    checkpointer.save(int(state.step), state, {'next_index': int(state.step)}, c)
+    checkpointer.close()
+    np.savez(os.path.join(out, f'{name}_detections.npz'), **detections(c, model, state.variables, images))
   timings['save_and_detect'] = {'total_s': time.perf_counter() - t0}
   with open(os.path.join(out, 'data_parallel.json'), 'w') as f:
     json.dump({'timings': timings, 'image_ids': [b['image_id'].tolist() for b in batches]}, f)
@@ -197,17 +201,22 @@ def multihost(out: str, train_json: str, train_images: str, port: str, process_i
   jax.distributed.shutdown()
 
 
-def ckpt_restore(out: str, train_json: str, train_images: str) -> None:
-  assert jax.device_count() == 1, jax.devices()
+def ckpt_restore(out: str, train_json: str, train_images: str, source: str) -> None:
   c, ds, model, template = build(train_json, train_images, 8)
   mesh = Mesh(np.asarray(jax.devices()), ('data',))
-  checkpointer = Checkpointer(os.path.join(out, 'checkpoints'), async_save=False)
+  checkpointer = Checkpointer(os.path.join(out, f'checkpoints_{source}'), async_save=False)
   state, data_state = checkpointer.restore(template, sharding=NamedSharding(mesh, P()))
   checkpointer.close()
   assert int(state.step) == NUM_STEPS and data_state == {'next_index': NUM_STEPS}, (int(state.step), data_state)
+  assert all(x.sharding.device_set == set(jax.devices()) for x in jax.tree.leaves(state.params))
+  tag = f'{source}_on_{jax.device_count()}'
   images = [r.file_name for r in ds.records[:4]]
-  np.savez(os.path.join(out, 'restored_params.npz'), **flatten(state))
-  np.savez(os.path.join(out, 'restored_detections.npz'), **detections(c, model, state.variables, images))
+  np.savez(os.path.join(out, f'{tag}_params.npz'), **flatten(state))
+  np.savez(os.path.join(out, f'{tag}_detections.npz'), **detections(c, model, state.variables, images))
+  # The restored state trains on this mesh: one more step, batch sharded over all its devices.
+  batch = read_batches(ds, c, 8)[0]
+  state, metrics, _ = train_jit(model, c, state, [batch], jax.devices())
+  assert int(state.step) == NUM_STEPS + 1 and np.isfinite(float(local_value(metrics[0]['loss'])))
 
 
 CHECKS = {f.__name__: f for f in (data_parallel, multihost, ckpt_restore)}

@@ -1,4 +1,4 @@
-"""Scale-out on simulated CPU devices: sharded jit == one device == pmap == two real processes; bf16; restore 8 -> 1.
+"""Scale-out on simulated CPU devices: sharded jit == one device == pmap == two processes; bf16; restores 8->1, 1->4.
 
 The device count of a JAX process is fixed when it first initializes its backend (and the pytest process already
 has), so every program runs in a fresh subprocess (`tests/multidevice_checks.py`) with
@@ -132,15 +132,18 @@ def test_bf16_step_keeps_float32_params_and_a_close_loss(data_parallel):
   np.testing.assert_allclose(loss16, loss32, rtol=BF16_LOSS_RTOL)
 
 
-def test_checkpoint_from_8_devices_restores_on_1_with_identical_detections(data, data_parallel):
-  """Trained and saved on 8 devices; restored in a fresh 1-device process: same arrays, same detections."""
-  _wait(_run('ckpt_restore', data_parallel, data, devices=1))
-  saved = _load(os.path.join(data_parallel, 'eight_devices.npz'))
-  restored = _load(os.path.join(data_parallel, 'restored_params.npz'))
+@pytest.mark.parametrize('source,devices', [('eight_devices', 1), ('one_device', 4)])
+def test_checkpoint_restores_onto_another_mesh_with_identical_detections(data, data_parallel, source, devices):
+  """Saved from a state on 8 devices (or on 1); restored in a fresh process with 1 device (or 4): same arrays
+  (bitwise), same detections, and the restored state takes a sharded step there."""
+  _wait(_run('ckpt_restore', data_parallel, data, source, devices=devices))
+  saved = _load(os.path.join(data_parallel, f'{source}.npz'), 'params')
+  restored = _load(os.path.join(data_parallel, f'{source}_on_{devices}_params.npz'), 'params')
+  assert restored.keys() == saved.keys() and restored
   for k, v in restored.items():
     np.testing.assert_array_equal(v, saved[k], err_msg=k)
-  before = _load(os.path.join(data_parallel, 'saved_detections.npz'))
-  after = _load(os.path.join(data_parallel, 'restored_detections.npz'))
+  before = _load(os.path.join(data_parallel, f'{source}_detections.npz'))
+  after = _load(os.path.join(data_parallel, f'{source}_on_{devices}_detections.npz'))
   assert before.keys() == after.keys() and sum(len(v) for k, v in before.items() if k.endswith('scores')) > 0
   # Same variables (bitwise, above), same detections - to rounding: XLA:CPU compiles the same predict program
   # slightly differently in a process with 8 devices than with 1 (measured: boxes differ by <= 1.5e-5 px, scores by
