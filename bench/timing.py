@@ -29,3 +29,118 @@ def write_json(result: dict[str, Any], path: str) -> None:
   with open(path, 'w') as f:
     json.dump(result, f, indent=2)
   print(f'wrote {path}')
+
+
+# ------------------------------------------------------------------------------- shared by the side-by-side benches
+# (bench_inference.py, bench_train_step.py, bench_eval.py). Nothing below imports jax or torch at module level: the
+# thread limit has to be in place before either creates its thread pool.
+
+
+def limit_threads(n: int) -> int:
+  """Restricts this process (and the subprocesses it starts) to `n` CPU cores; returns the cores it may use.
+
+  XLA's CPU client sizes its thread pool from the process's CPU affinity (tsl's `NumSchedulableCPUs`), and there
+  is no XLA flag for its intra-op thread count, so pinning the affinity is what makes JAX use `n` threads; torch
+  additionally gets `torch.set_num_threads(n)` (see `import_torch`). Call it before the first JAX computation.
+  `n <= 0` leaves the affinity as it is.
+  """
+  cpus = sorted(os.sched_getaffinity(0))
+  if 0 < n < len(cpus):
+    cpus = cpus[:n]
+    os.sched_setaffinity(0, cpus)
+  # OpenMP / MKL pools (torch, numpy's BLAS) read these when they start.
+  for var in ('OMP_NUM_THREADS', 'MKL_NUM_THREADS'):
+    os.environ[var] = str(len(cpus))
+  return len(cpus)
+
+
+def import_torch(threads: int, skip: bool = False):
+  """(torch, torchvision) with torch limited to `threads` intra-op threads, or (None, None) when they are not
+  installed (or `skip`); the caller prints that the torchvision rows are skipped."""
+  if skip:
+    return None, None
+  try:
+    import torch
+    import torchvision
+  except ImportError:
+    return None, None
+  torch.set_num_threads(max(threads, 1))
+  return torch, torchvision
+
+
+def machine_info(torch_module: Any = None) -> dict[str, Any]:
+  """Where and with what a result was measured: CPUs (count, affinity, model), versions, threads, XLA_FLAGS, date."""
+  import datetime
+  import platform
+
+  import jax
+  import jaxlib
+
+  cpu_model = platform.processor()
+  try:
+    with open('/proc/cpuinfo') as f:
+      cpu_model = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), cpu_model)
+  except OSError:
+    pass
+  info = dict(
+      date=datetime.datetime.now().astimezone().isoformat(timespec='seconds'),
+      cpu_count=os.cpu_count(),
+      cpus_used=len(os.sched_getaffinity(0)),
+      cpu_model=cpu_model,
+      platform=platform.platform(),
+      python=platform.python_version(),
+      jax_version=jax.__version__,
+      jaxlib_version=jaxlib.__version__,
+      jax_backend=jax.default_backend(),
+      jax_device=jax.devices()[0].device_kind,
+      xla_flags=os.environ.get('XLA_FLAGS', ''),
+      torch_version=None,
+      torchvision_version=None,
+      torch_threads=None,
+  )
+  if torch_module is not None:
+    import torchvision
+
+    info.update(torch_version=torch_module.__version__, torchvision_version=torchvision.__version__,
+                torch_threads=torch_module.get_num_threads())
+  return info
+
+
+def xla_flops(compiled: Any) -> float | None:
+  """FLOPs of a compiled (or lowered) JAX program from XLA's cost analysis; a multiply-add counts as 2 FLOPs.
+  None when the backend gives no estimate."""
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older jax: one dict per device program
+    cost = cost[0] if cost else None
+  if not cost or 'flops' not in cost:
+    return None
+  return float(cost['flops'])
+
+
+def jax_matmul_gflops(n: int, runs: int, warmup: int) -> float:
+  """This machine's float32 matmul rate under JAX in GFLOP/s: an [n, n] @ [n, n] `jnp.dot` counted as 2 n^3 FLOPs,
+  median time. The FLOP floor of a program is its XLA FLOPs divided by this rate."""
+  import jax
+  import jax.numpy as jnp
+
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+  dot = jax.jit(jnp.dot)
+  ms = median_ms(lambda: dot(a, b).block_until_ready(), runs, warmup)
+  return 2.0 * n**3 / (ms * 1e-3) / 1e9
+
+
+def torch_matmul_gflops(torch_module: Any, n: int, runs: int, warmup: int) -> float:
+  """The same rate as `jax_matmul_gflops` for `torch.mm` (float32), for reference."""
+  g = torch_module.Generator().manual_seed(0)
+  a = torch_module.randn(n, n, generator=g)
+  b = torch_module.randn(n, n, generator=g)
+  ms = median_ms(lambda: torch_module.mm(a, b), runs, warmup)
+  return 2.0 * n**3 / (ms * 1e-3) / 1e9
+
+
+def max_rss_mb() -> float:
+  """Peak resident memory of this process so far, in MB (Linux reports ru_maxrss in KiB)."""
+  import resource
+
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
