@@ -264,6 +264,89 @@ def test_conv1x1_as_matmul_identical(stride, size):
   assert 'convolution' in jax.jit(off.apply).lower(v, x).as_text()
 
 
+def _conv_grads_reference(x, kernel, g, stride, pad, groups):
+  """(dx, dkernel) of y = conv(x, kernel) (NHWC / HWIO, symmetric zero padding) for output cotangent g, in numpy
+  float64 from the definition y[n, y, x, o] = sum_{i, j, c} xpad[n, s*y + i, s*x + j, c] k[i, j, c, o]."""
+  x, kernel, g = (np.asarray(a, np.float64) for a in (x, kernel, g))
+  kh, kw, cin_g, cout = kernel.shape
+  n, ho, wo, _ = g.shape
+  xp = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  dxp, dk = np.zeros_like(xp), np.zeros_like(kernel)
+  cout_g = cout // groups
+  for i in range(kh):
+    for j in range(kw):
+      window = (slice(None), slice(i, i + stride * (ho - 1) + 1, stride), slice(j, j + stride * (wo - 1) + 1, stride))
+      for k in range(groups):
+        cs, os = slice(k * cin_g, (k + 1) * cin_g), slice(k * cout_g, (k + 1) * cout_g)
+        dk[i, j, :, os] = np.einsum('nyxc,nyxo->co', xp[window + (cs,)], g[..., os])
+        dxp[window + (cs,)] += np.einsum('nyxo,co->nyxc', g[..., os], kernel[i, j, :, os])
+  return dxp[:, pad:pad + x.shape[1], pad:pad + x.shape[2]], dk
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    k=st.sampled_from([1, 2, 3, 7]),
+    stride=st.integers(1, 3),
+    pad=st.integers(0, 3),
+    groups=st.sampled_from([1, 2, 4]),
+    h=st.integers(1, 12),
+    w=st.integers(1, 12),
+    kernel_grad=st.sampled_from(layers.KERNEL_GRADS),
+)
+def test_conv_gradients_equal_the_float64_reference(k, stride, pad, groups, h, w, kernel_grad):
+  """Both kernel-gradient paths ('xla', 'taps': one matmul per tap) give the gradients of the definition, for
+  strides, paddings and groups, including windows that see only padding."""
+  if h + 2 * pad < k or w + 2 * pad < k:
+    return
+  rng = np.random.default_rng(h * 1000 + w * 10 + k)
+  x = rng.standard_normal((2, h, w, 8)).astype(np.float32)
+  conv = layers.Conv(12, (k, k), stride, padding=pad, feature_group_count=groups, use_bias=False,
+                     kernel_grad=kernel_grad)
+  kernel = rng.standard_normal((k, k, 8 // groups, 12)).astype(np.float32)
+  y = conv.apply({'params': {'kernel': kernel}}, x)
+  g = rng.standard_normal(y.shape).astype(np.float32)
+  grad_fn = jax.grad(lambda x_, k_: jnp.vdot(conv.apply({'params': {'kernel': k_}}, x_), g), argnums=(0, 1))
+  dx, dk = jax.jit(grad_fn)(x, kernel)
+  ref_dx, ref_dk = _conv_grads_reference(x, kernel, g, stride, pad, groups)
+  assert_close(dx, ref_dx, rtol=1e-4, atol=1e-4)
+  assert_close(dk, ref_dk, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('stride,size', [(1, (6, 7)), (2, (7, 9))])
+def test_matmul_1x1_gradients_equal_the_float64_reference(stride, size):
+  rng = np.random.default_rng(4)
+  x = rng.standard_normal((2, *size, 5)).astype(np.float32)
+  conv = layers.Conv(7, (1, 1), stride, use_bias=False, as_matmul=True)
+  kernel = rng.standard_normal((1, 1, 5, 7)).astype(np.float32)
+  g = rng.standard_normal(conv.apply({'params': {'kernel': kernel}}, x).shape).astype(np.float32)
+  grad_fn = jax.grad(lambda x_, k_: jnp.vdot(conv.apply({'params': {'kernel': k_}}, x_), g), argnums=(0, 1))
+  dx, dk = jax.jit(grad_fn)(x, kernel)
+  ref_dx, ref_dk = _conv_grads_reference(x, kernel, g, stride, 0, 1)
+  assert_close(dx, ref_dx, rtol=1e-5, atol=1e-5)
+  assert_close(dk, ref_dk, rtol=1e-5, atol=1e-5)
+
+
+def test_taps_kernel_grad_has_no_weight_gradient_convolution():
+  """'taps' really replaces XLA's weight-gradient convolution: the backward program has only the forward and the
+  input-gradient convolutions (2 per conv), 'xla' has 3."""
+  x = np.ones((1, 8, 8, 4), np.float32)
+  counts = {}
+  for kernel_grad in layers.KERNEL_GRADS:
+    conv = layers.Conv(4, (3, 3), padding=1, kernel_grad=kernel_grad)
+    v = conv.init(jax.random.key(0), x)
+    loss = lambda v_, x_, conv=conv: jnp.sum(conv.apply(v_, x_) ** 2)
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(v, x).as_text()
+    counts[kernel_grad] = hlo.count('stablehlo.convolution')
+  assert counts == {'xla': 3, 'taps': 2}
+
+
+def test_conv_kernel_grad_auto_is_taps_on_cpu_and_checked():
+  assert rm.resolve_conv_kernel_grad('auto') == ('taps' if jax.default_backend() == 'cpu' else 'xla')
+  assert rm.resolve_conv_kernel_grad('xla') == 'xla'
+  with pytest.raises(ValueError, match='model.conv_kernel_grad'):
+    rm.build_model(tiny_config(conv_kernel_grad='matmul'))
+
+
 @requires_torchvision
 @pytest.mark.parametrize(
     'k,stride,pad,groups,size',
@@ -865,6 +948,27 @@ def test_conv1x1_as_matmul_model_equivalence(tiny):
   full = model_vars(random_like(shapes_on))
   m_on, m_off = mask_logits_jit(module_on, full, rois), mask_logits_jit(module_off, full, rois)
   assert_close(m_on, m_off, rtol=0.0, atol=1e-5 * float(jnp.max(jnp.abs(m_off))))
+
+
+def test_conv_kernel_grad_model_equivalence(tiny):
+  """'taps' and 'xla' kernel gradients: the same variables, and every parameter gradient of the model equal to
+  float32 rounding (sums in another order)."""
+  module_taps, images, variables = tiny['module'], tiny['images'], tiny['variables']
+  assert module_taps.conv_kernel_grad == rm.resolve_conv_kernel_grad('auto')
+  module_xla, _ = rm.build_model(tiny_config(conv_kernel_grad='xla'))
+  module_taps, _ = rm.build_model(tiny_config(conv_kernel_grad='taps'))
+
+  def grads(module):
+    def loss(params):
+      out = module.apply({'params': params, 'frozen': variables['frozen']}, images)
+      return jnp.sum(out['cls_logits'] ** 2) + jnp.sum(out['box_deltas'] ** 2)
+
+    return flat(jax.jit(jax.grad(loss))(variables['params']))
+
+  g_taps, g_xla = grads(module_taps), grads(module_xla)
+  assert g_taps.keys() == g_xla.keys()
+  for key in g_xla:
+    assert_close(g_taps[key], g_xla[key], rtol=0.0, atol=1e-5 * float(np.max(np.abs(g_xla[key]))) + 1e-12)
 
 
 def test_frozen_params_mask_matches_zero_gradients(tiny):

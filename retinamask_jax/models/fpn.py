@@ -49,6 +49,7 @@ class FPN(nn.Module):
       (except P6, which reads P5 or C5 without ReLU).
     build_p2: also build P2 (for the mask branch) even when min_level is 3.
     conv1x1_as_matmul: compute the lateral 1x1 convs as matmuls.
+    conv_kernel_grad: 'xla' or 'taps', see `layers.Conv.kernel_grad`.
     dtype: compute dtype; parameters are float32.
   """
 
@@ -59,6 +60,7 @@ class FPN(nn.Module):
   max_level: int = 7
   build_p2: bool = False
   conv1x1_as_matmul: bool = False
+  conv_kernel_grad: str = 'xla'
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -80,6 +82,7 @@ class FPN(nn.Module):
         self.channels,
         use_bias=not with_gn,
         as_matmul=self.conv1x1_as_matmul,
+        kernel_grad=self.conv_kernel_grad,
         dtype=self.dtype,
         kernel_init=layers.kaiming_uniform_a1,
     )

@@ -35,6 +35,7 @@ class RetinaNetHead(nn.Module):
     depth: convs per tower (not counting the predictor).
     norm: 'none' or 'group_norm' (GN inside the towers only; tower convs keep their bias, as the authors').
     prior_prob: initial foreground probability of every class (cls predictor bias -log((1 - p) / p)).
+    conv_kernel_grad: 'xla' or 'taps', see `layers.Conv.kernel_grad`.
     dtype: compute dtype; outputs are float32, parameters float32.
   """
 
@@ -44,6 +45,7 @@ class RetinaNetHead(nn.Module):
   depth: int = 4
   norm: str = 'none'
   prior_prob: float = 0.01
+  conv_kernel_grad: str = 'xla'
   dtype: Dtype = jnp.float32
 
   def setup(self):
@@ -53,7 +55,8 @@ class RetinaNetHead(nn.Module):
 
     def conv(features, bias_init=_ZEROS):
       return layers.Conv(
-          features, (3, 3), padding=1, dtype=self.dtype, kernel_init=conv_init, bias_init=bias_init
+          features, (3, 3), padding=1, kernel_grad=self.conv_kernel_grad, dtype=self.dtype, kernel_init=conv_init,
+          bias_init=bias_init,
       )
 
     norm = layers.make_norm(self.norm, self.dtype)
@@ -107,6 +110,7 @@ class MaskHead(nn.Module):
     width: channels of the convs and the deconv.
     depth: number of 3x3 convs.
     conv1x1_as_matmul: compute the final 1x1 conv as a matmul.
+    conv_kernel_grad: 'xla' or 'taps', see `layers.Conv.kernel_grad`.
     dtype: compute dtype; logits are float32.
   """
 
@@ -114,6 +118,7 @@ class MaskHead(nn.Module):
   width: int = 256
   depth: int = 4
   conv1x1_as_matmul: bool = False
+  conv_kernel_grad: str = 'xla'
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -122,7 +127,10 @@ class MaskHead(nn.Module):
     n, r, s1, s2, c = roi_features.shape
     x = roi_features.reshape(n * r, s1, s2, c)
     for i in range(1, self.depth + 1):
-      x = nn.relu(layers.Conv(self.width, (3, 3), padding=1, dtype=self.dtype, name=f'mask_fcn{i}')(x))
+      conv = layers.Conv(
+          self.width, (3, 3), padding=1, kernel_grad=self.conv_kernel_grad, dtype=self.dtype, name=f'mask_fcn{i}'
+      )
+      x = nn.relu(conv(x))
     x = layers.ConvTransposeNonOverlapping(self.width, factor=2, dtype=self.dtype, name='conv5_mask')(x)
     x = nn.relu(x)
     x = layers.Conv(

@@ -23,6 +23,7 @@ Initializer = Callable[..., jax.Array]
 ModuleDef = Any
 
 NORMS = ('frozen_bn', 'group_norm', 'none')
+KERNEL_GRADS = ('xla', 'taps')
 
 # torchvision ResNet / the authors' mask head: kaiming_normal_(mode='fan_out', nonlinearity='relu').
 kaiming_normal_fan_out = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
@@ -35,6 +36,98 @@ def _pair(v: int | Sequence[int]) -> tuple[int, int]:
     return (v, v)
   a, b = v
   return (int(a), int(b))
+
+
+def _conv(x, kernel, strides, padding, groups, precision):
+  return jax.lax.conv_general_dilated(
+      x, kernel, window_strides=strides, padding=padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+      feature_group_count=groups, precision=precision,
+  )
+
+
+def kernel_grad_by_taps(
+    x: jax.Array, g: jax.Array, kernel_shape: Sequence[int], strides: tuple[int, int],
+    padding: tuple[tuple[int, int], tuple[int, int]], groups: int, precision: Any = None,
+) -> jax.Array:
+  """Gradient of a conv's kernel as one matmul per kernel tap: dK[i, j] = sum_{n,y,x} x[n, s*y + i, s*x + j] g[n, y, x].
+
+  x: [N, H, W, Cin] conv input; g: [N, Ho, Wo, Cout] cotangent of its output; kernel_shape (kh, kw, Cin / groups,
+  Cout). Returns [kh, kw, Cin / groups, Cout] float32. The same sums as
+  XLA's weight-gradient convolution in another order; on CPU, where that convolution runs far below matmul speed
+  (bench/bench_conv_grad.py), the kh * kw strided slices and [Cin, N*Ho*Wo] @ [N*Ho*Wo, Cout] matmuls are faster.
+  """
+  kh, kw, cin_g, cout = kernel_shape
+  n, ho, wo, _ = g.shape
+  (sh, sw), ((pt, pb), (pl, pr)) = strides, padding
+  xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+  rows = n * ho * wo
+  g2 = g.reshape(rows, groups, cout // groups)
+  taps = []
+  for i in range(kh):
+    for j in range(kw):
+      # NHWC slices keep channels minor, so each tap is a plain [rows, Cin] matrix; contracting its leading
+      # axis beats transposing x first (a strided copy) by 2x on CPU.
+      xs = jax.lax.slice(xp, (0, i, j, 0), (n, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, x.shape[3]),
+                         (1, sh, sw, 1)).reshape(rows, groups, cin_g)
+      if groups == 1:  # a plain matmul: XLA's CPU dot with a batch dimension is slower
+        taps.append(jax.lax.dot_general(xs[:, 0], g2[:, 0], (((0,), (0,)), ((), ())), precision=precision,
+                                        preferred_element_type=jnp.float32))
+      else:
+        tap = jax.lax.dot_general(xs, g2, (((0,), (0,)), ((1,), (1,))), precision=precision,
+                                  preferred_element_type=jnp.float32)  # [groups, cin_g, cout_g]
+        # Output channel o of group k is k * cout_g + o.
+        taps.append(jnp.moveaxis(tap, 0, 1).reshape(cin_g, cout))
+  return jnp.stack(taps).reshape(kh, kw, cin_g, cout)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def conv_with_tap_grad(x, kernel, strides, padding, groups, precision=None):
+  """`lax.conv_general_dilated` (NHWC, HWIO) whose kernel gradient is `kernel_grad_by_taps`; the input gradient
+  is XLA's own (a forward-type convolution, fast everywhere)."""
+  return _conv(x, kernel, strides, padding, groups, precision)
+
+
+def _conv_tap_fwd(x, kernel, strides, padding, groups, precision):
+  return _conv(x, kernel, strides, padding, groups, precision), (x, kernel)
+
+
+def _conv_tap_bwd(strides, padding, groups, precision, residuals, g):
+  x, kernel = residuals
+  # The input gradient alone (XLA drops it when nothing consumes it, e.g. behind a stop_gradient).
+  _, input_vjp = jax.vjp(lambda x_: _conv(x_, kernel, strides, padding, groups, precision), x)
+  (dx,) = input_vjp(g)
+  return dx, kernel_grad_by_taps(x, g, kernel.shape, strides, padding, groups, precision).astype(kernel.dtype)
+
+
+conv_with_tap_grad.defvjp(_conv_tap_fwd, _conv_tap_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def matmul_1x1(x: jax.Array, kernel: jax.Array, precision: Any = None) -> jax.Array:
+  """x [N, H, W, Cin] @ kernel [Cin, Cout] -> [N, H, W, Cout]: an unpadded 1x1 conv.
+
+  Its own VJP only to state the kernel gradient as one [Cin, N*H*W] x [N*H*W, Cout] contraction over the pixel
+  axis of both operands: from autodiff of the einsum, XLA's CPU backend transposes the output cotangent first, in
+  a loop fusion that also recomputes the elementwise backward chain before it (~30 ms per R-50 res4 block at
+  512 x 512; 8% of the train step, bench/bench_train_step.py).
+  """
+  return jnp.einsum('nhwc,cd->nhwd', x, kernel, precision=precision)
+
+
+def _matmul_1x1_fwd(x, kernel, precision):
+  return matmul_1x1(x, kernel, precision), (x, kernel)
+
+
+def _matmul_1x1_bwd(precision, residuals, g):
+  x, kernel = residuals
+  dx = jnp.einsum('nhwd,cd->nhwc', g, kernel, precision=precision)
+  rows = x.shape[0] * x.shape[1] * x.shape[2]
+  dk = jax.lax.dot_general(x.reshape(rows, x.shape[3]), g.reshape(rows, g.shape[3]), (((0,), (0,)), ((), ())),
+                           precision=precision, preferred_element_type=jnp.float32)
+  return dx, dk.astype(kernel.dtype)
+
+
+matmul_1x1.defvjp(_matmul_1x1_fwd, _matmul_1x1_bwd)
 
 
 class Conv(nn.Module):
@@ -52,6 +145,8 @@ class Conv(nn.Module):
     use_bias: add a bias.
     as_matmul: compute an unpadded, ungrouped 1x1 conv as `x[:, ::sh, ::sw] @ kernel[0, 0]`. Numerically the
       same as the convolution; on CPU the weight gradient of a matmul is much faster than that of a conv.
+    kernel_grad: how the kernel gradient of a (non-matmul) conv is computed: 'xla' (XLA's weight-gradient
+      convolution) or 'taps' (`kernel_grad_by_taps`, one matmul per kernel tap: the same sums, faster on CPU).
     dtype: compute dtype (inputs and kernel are cast to it); param_dtype: parameter dtype.
   """
 
@@ -62,6 +157,7 @@ class Conv(nn.Module):
   feature_group_count: int = 1
   use_bias: bool = True
   as_matmul: bool = False
+  kernel_grad: str = 'xla'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   kernel_init: Initializer = kaiming_normal_fan_out
@@ -84,17 +180,13 @@ class Conv(nn.Module):
     kernel = kernel.astype(self.dtype)
     if self.as_matmul and (kh, kw, ph, pw, self.feature_group_count) == (1, 1, 0, 0, 1):
       # Output pixel i of an unpadded 1x1 conv with stride s reads input pixel s * i.
-      y = jnp.einsum('nhwc,cd->nhwd', x[:, ::sh, ::sw, :], kernel[0, 0], precision=self.precision)
+      y = matmul_1x1(x[:, ::sh, ::sw, :], kernel[0, 0], self.precision)
+    elif self.kernel_grad == 'taps':
+      y = conv_with_tap_grad(x, kernel, (sh, sw), ((ph, ph), (pw, pw)), self.feature_group_count, self.precision)
+    elif self.kernel_grad == 'xla':
+      y = _conv(x, kernel, (sh, sw), ((ph, ph), (pw, pw)), self.feature_group_count, self.precision)
     else:
-      y = jax.lax.conv_general_dilated(
-          x,
-          kernel,
-          window_strides=(sh, sw),
-          padding=((ph, ph), (pw, pw)),
-          dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-          feature_group_count=self.feature_group_count,
-          precision=self.precision,
-      )
+      raise ValueError(f"kernel_grad must be one of {KERNEL_GRADS}, got {self.kernel_grad!r}")
     if self.use_bias:
       bias = self.param('bias', self.bias_init, (self.features,), self.param_dtype)
       y = y + bias.astype(self.dtype)

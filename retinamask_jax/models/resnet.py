@@ -148,6 +148,7 @@ class ResNet(nn.Module):
     norm: 'frozen_bn' | 'group_norm' | 'none' (convs get a bias only with 'none').
     freeze_at: 0 = train everything; 1 = freeze the stem; k >= 2 = freeze the stem and res2..res{k}.
     conv1x1_as_matmul: compute 1x1 convs as matmuls (same parameters, same numbers).
+    conv_kernel_grad: 'xla' or 'taps', see `layers.Conv.kernel_grad`.
     dtype: compute dtype; parameters are float32.
   """
 
@@ -160,6 +161,7 @@ class ResNet(nn.Module):
   norm: str = 'frozen_bn'
   freeze_at: int = 2
   conv1x1_as_matmul: bool = False
+  conv_kernel_grad: str = 'xla'
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -173,7 +175,8 @@ class ResNet(nn.Module):
     if len(self.stage_sizes) != 4:
       raise ValueError(f'stage_sizes must list 4 stages (res2..res5), got {self.stage_sizes}')
     conv = functools.partial(
-        layers.Conv, use_bias=self.norm == 'none', as_matmul=self.conv1x1_as_matmul, dtype=self.dtype
+        layers.Conv, use_bias=self.norm == 'none', as_matmul=self.conv1x1_as_matmul,
+        kernel_grad=self.conv_kernel_grad, dtype=self.dtype,
     )
     norm = layers.make_norm(self.norm, self.dtype)
     x = Stem(self.base_width, conv=conv, norm=norm, name='stem')(x)

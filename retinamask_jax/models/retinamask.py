@@ -84,6 +84,8 @@ class RetinaMask(nn.Module):
     backbone_config, fpn_config, head_config: structure of the three detection parts.
     mask_config: structure of the mask branch; None = no mask head (a pure RetinaNet).
     conv1x1_as_matmul: compute 1x1 convs as matmuls (same variables, same numbers).
+    conv_kernel_grad: 'xla' or 'taps': how every other conv's kernel gradient is computed (same variables, the
+      same sums in another order; see `layers.Conv.kernel_grad`).
     dtype: compute dtype (float32 or bfloat16); parameters float32, head outputs float32.
   """
 
@@ -93,6 +95,7 @@ class RetinaMask(nn.Module):
   head_config: HeadConfig = HeadConfig()
   mask_config: MaskHeadConfig | None = MaskHeadConfig()
   conv1x1_as_matmul: bool = True
+  conv_kernel_grad: str = 'xla'
   dtype: Dtype = jnp.float32
 
   def setup(self):
@@ -106,6 +109,7 @@ class RetinaMask(nn.Module):
         norm=b.norm,
         freeze_at=b.freeze_at,
         conv1x1_as_matmul=self.conv1x1_as_matmul,
+        conv_kernel_grad=self.conv_kernel_grad,
         dtype=self.dtype,
     )
     self.fpn = fpn_lib.FPN(
@@ -116,6 +120,7 @@ class RetinaMask(nn.Module):
         max_level=f.max_level,
         build_p2=self.mask_config is not None and self.mask_config.min_level == 2,
         conv1x1_as_matmul=self.conv1x1_as_matmul,
+        conv_kernel_grad=self.conv_kernel_grad,
         dtype=self.dtype,
     )
     self.head = heads.RetinaNetHead(
@@ -125,6 +130,7 @@ class RetinaMask(nn.Module):
         depth=h.depth,
         norm=h.norm,
         prior_prob=h.prior_prob,
+        conv_kernel_grad=self.conv_kernel_grad,
         dtype=self.dtype,
     )
     if self.mask_config is not None:
@@ -133,6 +139,7 @@ class RetinaMask(nn.Module):
           width=self.mask_config.width,
           depth=self.mask_config.depth,
           conv1x1_as_matmul=self.conv1x1_as_matmul,
+          conv_kernel_grad=self.conv_kernel_grad,
           dtype=self.dtype,
       )
 
@@ -170,6 +177,14 @@ def _check(condition: bool, message: str) -> None:
     raise ValueError(message)
 
 
+def resolve_conv_kernel_grad(value: str) -> str:
+  """'auto' -> 'taps' on CPU (XLA's CPU weight-gradient convolution runs far below matmul speed), 'xla' on GPU and
+  TPU (cuDNN / the TPU compiler do better than per-tap matmuls); 'xla' and 'taps' are kept."""
+  if value == 'auto':
+    return 'taps' if jax.default_backend() == 'cpu' else 'xla'
+  return value
+
+
 def module_from_config(config: ml_collections.ConfigDict) -> RetinaMask:
   """The `RetinaMask` module described by `config.model` (validated; see `build_model`)."""
   m = config.model
@@ -177,6 +192,10 @@ def module_from_config(config: ml_collections.ConfigDict) -> RetinaMask:
       isinstance(m.num_classes, int) and m.num_classes > 0,
       f'model.num_classes must be a positive int here, got {m.num_classes!r} (0 means "from the dataset" and '
       'must be resolved before the model is built)',
+  )
+  _check(
+      m.conv_kernel_grad in ('auto',) + layers.KERNEL_GRADS,
+      f"model.conv_kernel_grad must be 'auto', 'xla' or 'taps', got {m.conv_kernel_grad!r}",
   )
   _check(m.compute_dtype in _DTYPES, f'model.compute_dtype must be one of {sorted(_DTYPES)}, got {m.compute_dtype!r}')
   b, f, h, a, mk = m.backbone, m.fpn, m.head, m.anchors, m.mask
@@ -233,6 +252,7 @@ def module_from_config(config: ml_collections.ConfigDict) -> RetinaMask:
       ),
       mask_config=mask_config,
       conv1x1_as_matmul=bool(m.conv1x1_as_matmul),
+      conv_kernel_grad=resolve_conv_kernel_grad(m.conv_kernel_grad),
       dtype=_DTYPES[m.compute_dtype],
   )
 
