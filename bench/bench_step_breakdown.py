@@ -1,7 +1,9 @@
-"""Train-step time of a config with parts switched off: what the mask branch and the 1x1-as-matmul option cost.
+"""Train-step time of a config with parts switched off: what the mask branch, the 1x1-as-matmul option and the
+matmul kernel gradients ('taps') cost or save.
 
   python bench/bench_step_breakdown.py [--config configs/shapes.py] [--steps 10] [--canvas 256,384]
       [--variant model.mask.enabled=False] [--variant model.conv1x1_as_matmul=False]
+      [--variant "model.conv_kernel_grad='xla'"]
 
 Each variant (and the config as it is) trains on the same 3 batches of the shapes data at one canvas; the time is
 the mean of `--steps` steps after the first (compile) one, measured until the result is ready.
@@ -76,7 +78,8 @@ def main() -> None:
   parser.add_argument('--variant', action='append', default=None)
   parser.add_argument('--data_dir', default=os.path.join(tempfile.gettempdir(), 'retinamask_bench_step'))
   args = parser.parse_args()
-  variants = [''] + (args.variant or ['model.mask.enabled=False', 'model.conv1x1_as_matmul=False'])
+  variants = [''] + (args.variant or ['model.mask.enabled=False', 'model.conv1x1_as_matmul=False',
+                                   "model.conv_kernel_grad='xla'"])
   canvas = tuple(int(v) for v in args.canvas.split(','))
   base = _load_config(args.config)
   size = tuple(base.data.shapes.image_size)

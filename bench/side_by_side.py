@@ -54,11 +54,24 @@ def load_config(path: str):
   return module.get_config()
 
 
+def split_mode(mode: str) -> tuple[str, int]:
+  """'retinamask@64' -> ('retinamask', 64): RetinaMask with its training mask proposals capped at 64 per image
+  (`model.mask.max_proposals`, positives first); 'retinamask' -> ('retinamask', 0): all 100 + G (the authors')."""
+  base, _, cap = mode.partition('@')
+  if base not in CONFIGS or (cap and (base != 'retinamask' or not cap.isdigit())):
+    raise ValueError(f"mode must be 'retinanet', 'retinamask' or 'retinamask@<cap>', got {mode!r}")
+  return base, int(cap or 0)
+
+
 def our_config(mode: str, size_hw: tuple[int, int], batch_size: int = 1, shrink: bool = False):
-  """The experiment config of `mode` ('retinanet' or 'retinamask') for images of `size_hw`, `batch_size` images per
-  step (the learning rate follows linearly, as in training). `shrink`: a narrow ResNet-18 instead of R-50 (for
-  --quick smoke runs only: it compiles in seconds; its times say nothing about R-50)."""
-  config = load_config(CONFIGS[mode])
+  """The experiment config of `mode` ('retinanet', 'retinamask' or 'retinamask@<cap>', see `split_mode`) for
+  images of `size_hw`, `batch_size` images per step (the learning rate follows linearly, as in training).
+  `shrink`: a narrow ResNet-18 instead of R-50 (for --quick smoke runs only: it compiles in seconds; its times say
+  nothing about R-50)."""
+  base, cap = split_mode(mode)
+  config = load_config(CONFIGS[base])
+  if cap:
+    config.model.mask.max_proposals = cap
   h, w = size_hw
   config.model.num_classes = NUM_CLASSES
   config.data.min_sizes = (min(h, w),)
@@ -153,7 +166,7 @@ def torchvision_detector(torchvision: Any, mode: str, size_hw: tuple[int, int], 
 
   backbone = resnet50(weights=None, norm_layer=misc_nn_ops.FrozenBatchNorm2d)
   sizes = dict(min_size=min(size_hw), max_size=max(size_hw))
-  if mode == 'retinanet':
+  if split_mode(mode)[0] == 'retinanet':
     backbone = _resnet_fpn_extractor(backbone, 3, returned_layers=[2, 3, 4], extra_blocks=LastLevelP6P7(256, 256))
     return RetinaNet(backbone, num_classes=NUM_CLASSES, **sizes, **kwargs)
   backbone = _resnet_fpn_extractor(backbone, 3)
@@ -161,4 +174,4 @@ def torchvision_detector(torchvision: Any, mode: str, size_hw: tuple[int, int], 
 
 
 def peer_name(mode: str) -> str:
-  return 'torchvision RetinaNet R50-FPN' if mode == 'retinanet' else 'torchvision Mask R-CNN R50-FPN'
+  return 'torchvision RetinaNet R50-FPN' if split_mode(mode)[0] == 'retinanet' else 'torchvision Mask R-CNN R50-FPN'

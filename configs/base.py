@@ -30,7 +30,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Compute 1x1 convolutions as matmuls: numerically the same, much faster weight gradients on CPU.
   c.model.conv1x1_as_matmul = True
   # Kernel gradient of the other convs: 'taps' (one matmul per kernel tap), 'xla' (XLA's weight-gradient conv),
-  # or 'auto' = taps on CPU, xla on GPU/TPU. The same variables and sums, in another order.
+  # 'by_size' (taps for large and grouped convs, xla for small ones), or 'auto' = by_size on CPU, xla on GPU/TPU.
+  # The same variables and sums, in another order.
   c.model.conv_kernel_grad = 'auto'
 
   c.model.backbone = ml_collections.ConfigDict()

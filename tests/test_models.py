@@ -337,11 +337,23 @@ def test_taps_kernel_grad_has_no_weight_gradient_convolution():
     loss = lambda v_, x_, conv=conv: jnp.sum(conv.apply(v_, x_) ** 2)
     hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(v, x).as_text()
     counts[kernel_grad] = hlo.count('stablehlo.convolution')
-  assert counts == {'xla': 3, 'taps': 2}
+  assert counts == {'xla': 3, 'taps': 2, 'by_size': 3}  # 'by_size': this conv is far below TAPS_MIN_FLOPS
+
+  def by_size_convolutions(x_shape, features, groups=1):
+    conv = layers.Conv(features, (3, 3), padding=1, feature_group_count=groups, kernel_grad='by_size')
+    x = jax.ShapeDtypeStruct(x_shape, jnp.float32)
+    v = jax.eval_shape(conv.init, jax.random.key(0), x)
+    loss = lambda v_, x_: jnp.sum(conv.apply(v_, x_) ** 2)
+    return jax.jit(jax.grad(loss, argnums=(0, 1))).lower(v, x).as_text().count('stablehlo.convolution')
+
+  # 2 * 4096 pixels * 9 * 256 * 256 = 4.8 GFLOP of kernel gradient: taps; 1/8 of the pixels (0.6 GFLOP): xla.
+  assert by_size_convolutions((1, 64, 64, 256), 256) == 2
+  assert by_size_convolutions((1, 16, 32, 256), 256) == 3
+  assert by_size_convolutions((1, 8, 8, 8), 8, groups=4) == 2  # grouped: always taps
 
 
 def test_conv_kernel_grad_auto_is_taps_on_cpu_and_checked():
-  assert rm.resolve_conv_kernel_grad('auto') == ('taps' if jax.default_backend() == 'cpu' else 'xla')
+  assert rm.resolve_conv_kernel_grad('auto') == ('by_size' if jax.default_backend() == 'cpu' else 'xla')
   assert rm.resolve_conv_kernel_grad('xla') == 'xla'
   with pytest.raises(ValueError, match='model.conv_kernel_grad'):
     rm.build_model(tiny_config(conv_kernel_grad='matmul'))

@@ -49,7 +49,7 @@ class FPN(nn.Module):
       (except P6, which reads P5 or C5 without ReLU).
     build_p2: also build P2 (for the mask branch) even when min_level is 3.
     conv1x1_as_matmul: compute the lateral 1x1 convs as matmuls.
-    conv_kernel_grad: 'xla' or 'taps', see `layers.Conv.kernel_grad`.
+    conv_kernel_grad: 'xla', 'taps' or 'by_size', see `layers.Conv.kernel_grad`.
     dtype: compute dtype; parameters are float32.
   """
 

@@ -35,7 +35,7 @@ class RetinaNetHead(nn.Module):
     depth: convs per tower (not counting the predictor).
     norm: 'none' or 'group_norm' (GN inside the towers only; tower convs keep their bias, as the authors').
     prior_prob: initial foreground probability of every class (cls predictor bias -log((1 - p) / p)).
-    conv_kernel_grad: 'xla' or 'taps', see `layers.Conv.kernel_grad`.
+    conv_kernel_grad: 'xla', 'taps' or 'by_size', see `layers.Conv.kernel_grad`.
     dtype: compute dtype; outputs are float32, parameters float32.
   """
 
@@ -110,7 +110,7 @@ class MaskHead(nn.Module):
     width: channels of the convs and the deconv.
     depth: number of 3x3 convs.
     conv1x1_as_matmul: compute the final 1x1 conv as a matmul.
-    conv_kernel_grad: 'xla' or 'taps', see `layers.Conv.kernel_grad`.
+    conv_kernel_grad: 'xla', 'taps' or 'by_size', see `layers.Conv.kernel_grad`.
     dtype: compute dtype; logits are float32.
   """
 

@@ -23,7 +23,12 @@ Initializer = Callable[..., jax.Array]
 ModuleDef = Any
 
 NORMS = ('frozen_bn', 'group_norm', 'none')
-KERNEL_GRADS = ('xla', 'taps')
+KERNEL_GRADS = ('xla', 'taps', 'by_size')
+# 'by_size' uses taps from this much kernel-gradient work up (2 * output pixels * kh * kw * Cin/groups * Cout,
+# batch included), and for every grouped conv. Below it the 9 slices and small matmuls cost more than XLA's
+# convolution saves (bench/bench_conv_grad.py: 64-128 channel convs at 0.45 GFLOP lose ~1.4x, from ~1.2 GFLOP up
+# taps win 1.2-2.5x; grouped convs win 35x).
+TAPS_MIN_FLOPS = 1e9
 
 # torchvision ResNet / the authors' mask head: kaiming_normal_(mode='fan_out', nonlinearity='relu').
 kaiming_normal_fan_out = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
@@ -146,7 +151,9 @@ class Conv(nn.Module):
     as_matmul: compute an unpadded, ungrouped 1x1 conv as `x[:, ::sh, ::sw] @ kernel[0, 0]`. Numerically the
       same as the convolution; on CPU the weight gradient of a matmul is much faster than that of a conv.
     kernel_grad: how the kernel gradient of a (non-matmul) conv is computed: 'xla' (XLA's weight-gradient
-      convolution) or 'taps' (`kernel_grad_by_taps`, one matmul per kernel tap: the same sums, faster on CPU).
+      convolution), 'taps' (`kernel_grad_by_taps`, one matmul per kernel tap: the same sums, faster on CPU for
+      large convs) or 'by_size' (taps for grouped convs and from `TAPS_MIN_FLOPS` of work up, else xla; decided
+      at trace time from the static shapes).
     dtype: compute dtype (inputs and kernel are cast to it); param_dtype: parameter dtype.
   """
 
@@ -181,9 +188,9 @@ class Conv(nn.Module):
     if self.as_matmul and (kh, kw, ph, pw, self.feature_group_count) == (1, 1, 0, 0, 1):
       # Output pixel i of an unpadded 1x1 conv with stride s reads input pixel s * i.
       y = matmul_1x1(x[:, ::sh, ::sw, :], kernel[0, 0], self.precision)
-    elif self.kernel_grad == 'taps':
+    elif self.kernel_grad == 'taps' or (self.kernel_grad == 'by_size' and self._taps_pay(x.shape, (kh, kw))):
       y = conv_with_tap_grad(x, kernel, (sh, sw), ((ph, ph), (pw, pw)), self.feature_group_count, self.precision)
-    elif self.kernel_grad == 'xla':
+    elif self.kernel_grad in KERNEL_GRADS:
       y = _conv(x, kernel, (sh, sw), ((ph, ph), (pw, pw)), self.feature_group_count, self.precision)
     else:
       raise ValueError(f"kernel_grad must be one of {KERNEL_GRADS}, got {self.kernel_grad!r}")
@@ -191,6 +198,14 @@ class Conv(nn.Module):
       bias = self.param('bias', self.bias_init, (self.features,), self.param_dtype)
       y = y + bias.astype(self.dtype)
     return y
+
+  def _taps_pay(self, x_shape: Sequence[int], kernel_hw: tuple[int, int]) -> bool:
+    if self.feature_group_count > 1:
+      return True
+    n, h, w, cin = x_shape
+    (sh, sw), (ph, pw) = _pair(self.strides), _pair(self.padding)
+    out_pixels = n * ((h + 2 * ph - kernel_hw[0]) // sh + 1) * ((w + 2 * pw - kernel_hw[1]) // sw + 1)
+    return 2.0 * out_pixels * kernel_hw[0] * kernel_hw[1] * cin * self.features >= TAPS_MIN_FLOPS
 
 
 class ConvTransposeNonOverlapping(nn.Module):

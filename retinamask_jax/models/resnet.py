@@ -148,7 +148,7 @@ class ResNet(nn.Module):
     norm: 'frozen_bn' | 'group_norm' | 'none' (convs get a bias only with 'none').
     freeze_at: 0 = train everything; 1 = freeze the stem; k >= 2 = freeze the stem and res2..res{k}.
     conv1x1_as_matmul: compute 1x1 convs as matmuls (same parameters, same numbers).
-    conv_kernel_grad: 'xla' or 'taps', see `layers.Conv.kernel_grad`.
+    conv_kernel_grad: 'xla', 'taps' or 'by_size', see `layers.Conv.kernel_grad`.
     dtype: compute dtype; parameters are float32.
   """
 

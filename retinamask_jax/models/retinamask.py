@@ -84,8 +84,8 @@ class RetinaMask(nn.Module):
     backbone_config, fpn_config, head_config: structure of the three detection parts.
     mask_config: structure of the mask branch; None = no mask head (a pure RetinaNet).
     conv1x1_as_matmul: compute 1x1 convs as matmuls (same variables, same numbers).
-    conv_kernel_grad: 'xla' or 'taps': how every other conv's kernel gradient is computed (same variables, the
-      same sums in another order; see `layers.Conv.kernel_grad`).
+    conv_kernel_grad: 'xla', 'taps' or 'by_size': how every other conv's kernel gradient is computed (same
+      variables, the same sums in another order; see `layers.Conv.kernel_grad`).
     dtype: compute dtype (float32 or bfloat16); parameters float32, head outputs float32.
   """
 
@@ -178,10 +178,11 @@ def _check(condition: bool, message: str) -> None:
 
 
 def resolve_conv_kernel_grad(value: str) -> str:
-  """'auto' -> 'taps' on CPU (XLA's CPU weight-gradient convolution runs far below matmul speed), 'xla' on GPU and
-  TPU (cuDNN / the TPU compiler do better than per-tap matmuls); 'xla' and 'taps' are kept."""
+  """'auto' -> 'by_size' on CPU (taps where XLA's CPU weight-gradient convolution runs far below matmul speed:
+  large and grouped convs), 'xla' on GPU and TPU (cuDNN / the TPU compiler do better than per-tap matmuls);
+  'xla', 'taps' and 'by_size' are kept."""
   if value == 'auto':
-    return 'taps' if jax.default_backend() == 'cpu' else 'xla'
+    return 'by_size' if jax.default_backend() == 'cpu' else 'xla'
   return value
 
 
@@ -195,7 +196,7 @@ def module_from_config(config: ml_collections.ConfigDict) -> RetinaMask:
   )
   _check(
       m.conv_kernel_grad in ('auto',) + layers.KERNEL_GRADS,
-      f"model.conv_kernel_grad must be 'auto', 'xla' or 'taps', got {m.conv_kernel_grad!r}",
+      f"model.conv_kernel_grad must be 'auto', 'xla', 'taps' or 'by_size', got {m.conv_kernel_grad!r}",
   )
   _check(m.compute_dtype in _DTYPES, f'model.compute_dtype must be one of {sorted(_DTYPES)}, got {m.compute_dtype!r}')
   b, f, h, a, mk = m.backbone, m.fpn, m.head, m.anchors, m.mask
