@@ -390,6 +390,22 @@ def test_conv_transpose_matches_torch():
   assert_close(y, nhwc(deconv(nchw(x))), rtol=1e-5, atol=1e-5)
 
 
+def test_conv_transpose_gradients_equal_the_float64_reference():
+  """y[n, f*i + a, f*j + b, o] = sum_c x[n, i, j, c] k[a, b, c, o]: both gradients from that definition."""
+  rng = np.random.default_rng(7)
+  x = rng.standard_normal((3, 4, 5, 6)).astype(np.float32)
+  kernel = rng.standard_normal((2, 2, 6, 5)).astype(np.float32)
+  deconv = layers.ConvTransposeNonOverlapping(5, use_bias=False)
+  g = rng.standard_normal((3, 8, 10, 5)).astype(np.float32)
+  grad_fn = jax.grad(lambda x_, k_: jnp.vdot(deconv.apply({'params': {'kernel': k_}}, x_), g), argnums=(0, 1))
+  dx, dk = jax.jit(grad_fn)(x, kernel)
+  g6 = g.astype(np.float64).reshape(3, 4, 2, 5, 2, 5)  # [n, i, a, j, b, o]
+  ref_dk = np.einsum('nijc,niajbo->abco', x.astype(np.float64), g6)
+  ref_dx = np.einsum('niajbo,abco->nijc', g6, kernel.astype(np.float64))
+  assert_close(dk, ref_dk, rtol=1e-5, atol=1e-5)
+  assert_close(dx, ref_dx, rtol=1e-5, atol=1e-5)
+
+
 def test_conv_transpose_hand_example():
   """One input pixel, one channel: the output 2x2 block at (2i, 2j) is x * kernel, zero elsewhere."""
   x = np.zeros((1, 2, 2, 1), np.float32)

@@ -57,9 +57,10 @@ def kernel_grad_by_taps(
   """Gradient of a conv's kernel as one matmul per kernel tap: dK[i, j] = sum_{n,y,x} x[n, s*y + i, s*x + j] g[n, y, x].
 
   x: [N, H, W, Cin] conv input; g: [N, Ho, Wo, Cout] cotangent of its output; kernel_shape (kh, kw, Cin / groups,
-  Cout). Returns [kh, kw, Cin / groups, Cout] float32. The same sums as
-  XLA's weight-gradient convolution in another order; on CPU, where that convolution runs far below matmul speed
-  (bench/bench_conv_grad.py), the kh * kw strided slices and [Cin, N*Ho*Wo] @ [N*Ho*Wo, Cout] matmuls are faster.
+  Cout); strides (sh, sw); padding ((top, bottom), (left, right)). Returns [kh, kw, Cin / groups, Cout] float32.
+  The same sums as XLA's weight-gradient convolution in another order; on CPU, where that convolution runs far
+  below matmul speed for large and grouped convs (bench/bench_conv_grad.py), the kh * kw strided slices and
+  [Cin, N*Ho*Wo] @ [N*Ho*Wo, Cout] matmuls are faster.
   """
   kh, kw, cin_g, cout = kernel_shape
   n, ho, wo, _ = g.shape
@@ -208,6 +209,39 @@ class Conv(nn.Module):
     return 2.0 * out_pixels * kernel_hw[0] * kernel_hw[1] * cin * self.features >= TAPS_MIN_FLOPS
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _deconv_matmul(x: jax.Array, kernel: jax.Array, precision: Any = None) -> jax.Array:
+  """x [N, H, W, Cin], kernel [f, f, Cin, Cout] -> [N, f*H, f*W, Cout] for a stride-f, kernel-f transposed conv."""
+  n, h, w, _ = x.shape
+  f = kernel.shape[0]
+  y = jnp.einsum('nhwc,abco->nhawbo', x, kernel, precision=precision)
+  return y.reshape(n, h * f, w * f, kernel.shape[-1])
+
+
+def _deconv_matmul_fwd(x, kernel, precision):
+  return _deconv_matmul(x, kernel, precision), (x, kernel)
+
+
+def _deconv_matmul_bwd(precision, residuals, g):
+  # As for `matmul_1x1`: the kernel gradient as one contraction over the pixel axis of both operands, which keeps
+  # XLA's CPU backend from transposing the cotangent inside a recomputing loop fusion (45 ms per step for the
+  # shapes recipe's mask head).
+  x, kernel = residuals
+  n, h, w, cin = x.shape
+  f, cout = kernel.shape[0], kernel.shape[-1]
+  g6 = g.reshape(n, h, f, w, f, cout)
+  dx = jnp.einsum('nhawbo,abco->nhwc', g6, kernel, precision=precision)
+  rows = n * h * w
+  g2 = jnp.transpose(g6, (0, 1, 3, 2, 4, 5)).reshape(rows, f * f * cout)  # [(n, y, x), (a, b, o)]
+  dk = jax.lax.dot_general(x.reshape(rows, cin), g2, (((0,), (0,)), ((), ())), precision=precision,
+                           preferred_element_type=jnp.float32)  # [cin, (a, b, o)]
+  dk = jnp.transpose(dk.reshape(cin, f, f, cout), (1, 2, 0, 3))
+  return dx, dk.astype(kernel.dtype)
+
+
+_deconv_matmul.defvjp(_deconv_matmul_fwd, _deconv_matmul_bwd)
+
+
 class ConvTransposeNonOverlapping(nn.Module):
   """Transposed convolution whose kernel equals its stride (the mask head's 2x2/2 "deconv").
 
@@ -233,10 +267,8 @@ class ConvTransposeNonOverlapping(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: [N, H, W, Cin] -> [N, f*H, f*W, features] in `dtype`."""
     f = self.factor
-    n, h, w, cin = x.shape
-    kernel = self.param('kernel', self.kernel_init, (f, f, cin, self.features), self.param_dtype)
-    y = jnp.einsum('nhwc,abco->nhawbo', x.astype(self.dtype), kernel.astype(self.dtype), precision=self.precision)
-    y = y.reshape(n, h * f, w * f, self.features)
+    kernel = self.param('kernel', self.kernel_init, (f, f, x.shape[-1], self.features), self.param_dtype)
+    y = _deconv_matmul(x.astype(self.dtype), kernel.astype(self.dtype), self.precision)
     if self.use_bias:
       bias = self.param('bias', self.bias_init, (self.features,), self.param_dtype)
       y = y + bias.astype(self.dtype)
