@@ -1,7 +1,12 @@
 """Train-step time, compile time and peak memory of our R-50 models next to torchvision's, on the same machine.
 
   python bench/bench_train_step.py [--size 512x512] [--batches 1,2] [--modes retinanet,retinamask,retinamask@64]
-      [--steps 5] [--warmup 1] [--threads 2] [--no-torch] [--quick] [--out bench/results/train_step.json]
+      [--steps 5] [--warmup 1] [--threads 2] [--compute_dtype float32] [--no-torch] [--quick]
+      [--out bench/results/train_step.json]
+
+On a GPU (issue 5's images/s, float32 and bfloat16 at the authors' size), e.g.:
+  python bench/bench_train_step.py --size 800x1344 --batches 2,8 --modes retinanet,retinamask --threads 0 \
+      --no-torch --compute_dtype bfloat16 --out bench/results/train_step_gpu_bf16.json
 
 Rows: (RetinaNet mode, RetinaMask mode) x (batch 1, 2) x (ours, torchvision), each measured in a fresh subprocess
 so that the peak memory (max RSS, `resource.getrusage`) is that row's alone and nothing compiled or cached by one
@@ -94,6 +99,7 @@ def row_ours(spec: dict) -> dict:
 
   size_hw, n = tuple(spec['size_hw']), spec['batch']
   config = sbs.our_config(spec['mode'], size_hw, batch_size=n, shrink=spec['quick'])
+  config.model.compute_dtype = spec['compute_dtype']
   model, init = retinamask.build_model(config)
   state = loop.create_train_state(config, model, init, jax.random.key(0))
   trainable = jax.tree.leaves(jax.tree.map(
@@ -187,6 +193,8 @@ def main() -> None:
   parser.add_argument('--warmup', type=int, default=1, help='untimed steps after the first one')
   parser.add_argument('--threads', type=int, default=2, help='cores for JAX (affinity) and torch (0 = all)')
   parser.add_argument('--matmul_n', type=int, default=2048, help='side of the matmul that measures the peak')
+  parser.add_argument('--compute_dtype', default='float32', choices=('float32', 'bfloat16'),
+                      help='our model.compute_dtype (params stay float32); torchvision always runs float32')
   parser.add_argument('--no-torch', dest='no_torch', action='store_true', help='skip torchvision')
   parser.add_argument('--quick', action='store_true', help='smoke test: 128x128, batch 1, narrow ResNet-18, 2 steps')
   parser.add_argument('--out', default=None, help='JSON results file (default bench/results/train_step.json, '
@@ -222,7 +230,7 @@ def main() -> None:
       row = dict(mode=mode, batch=batch, size=f'{size_hw[0]}x{size_hw[1]}')
       for framework in frameworks:
         spec = dict(framework=framework, mode=mode, size_hw=size_hw, batch=batch, steps=args.steps,
-                    warmup=args.warmup, threads=threads, quick=args.quick)
+                    warmup=args.warmup, threads=threads, quick=args.quick, compute_dtype=args.compute_dtype)
         if framework == 'torchvision':  # one peer row serves every cap of the RetinaMask mode
           key = (sbs.split_mode(mode)[0], batch)
           if key not in peer_rows:
@@ -257,12 +265,14 @@ def main() -> None:
 
   fmt = lambda v, f: '-' if v is None else format(v, f)
   print(f'\nTrain step at {args.size}, median of {args.steps} steps; {threads} cores')
-  print('| mode | batch | ours (ms) | peer | peer (ms) | ours / peer | our compile (s) | compilations | GFLOPs (XLA) '
+  print('| mode | batch | ours (ms) | ours images/s | peer | peer (ms) | ours / peer | our compile (s) | compilations '
+        '| GFLOPs (XLA) '
         '| floor (ms) | ours / floor | peak RSS ours / peer (MB) |')
-  print('|---|---|---|---|---|---|---|---|---|---|---|---|')
+  print('|---|---|---|---|---|---|---|---|---|---|---|---|---|')
   for r in rows:
     o, t = r['ours'], r.get('torchvision', {})
-    print(f"| {r['mode']} | {r['batch']} | {o['ms']:.0f} | {r.get('peer', '-')} | {fmt(t.get('ms'), '.0f')} "
+    print(f"| {r['mode']} | {r['batch']} | {o['ms']:.0f} | {1e3 * r['batch'] / o['ms']:.2f} | {r.get('peer', '-')} "
+          f"| {fmt(t.get('ms'), '.0f')} "
           f"| {fmt(r.get('ours_over_torchvision'), '.2f')} | {o['lower_s'] + o['compile_s']:.1f} "
           f"| {o['compilations']} (cache {o['cache_size']}) | {fmt(o['gflops'], '.1f')} "
           f"| {fmt(o.get('floor_ms'), '.0f')} | {fmt(o.get('over_floor'), '.1f')} "
@@ -279,7 +289,8 @@ def main() -> None:
 
   result = dict(
       benchmark='train step, ours vs torchvision', machine=machine_info(torch), threads=threads, quick=args.quick,
-      size=args.size, steps=args.steps, warmup=args.warmup, boxes_per_image=sbs.BOXES_PER_IMAGE, matmul_peak=peak,
+      size=args.size, steps=args.steps, warmup=args.warmup, compute_dtype=args.compute_dtype,
+      boxes_per_image=sbs.BOXES_PER_IMAGE, matmul_peak=peak,
       rows=rows, mask_branch_adds={str(k): v for k, v in mask_cost.items()},
       no_recompilation=not recompiled,
   )
