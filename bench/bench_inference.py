@@ -43,16 +43,7 @@ import numpy as np
 BENCH = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, BENCH)
 import side_by_side as sbs  # noqa: E402
-from timing import (  # noqa: E402
-    import_torch,
-    jax_matmul_gflops,
-    limit_threads,
-    machine_info,
-    median_ms,
-    torch_matmul_gflops,
-    write_json,
-    xla_flops,
-)
+from timing import machine_info, median_ms, start_side_by_side, write_json, xla_flops  # noqa: E402
 
 DEFAULT_OUT = os.path.join(BENCH, 'results', 'inference.json')
 CANDIDATES = 5 * 1000  # (box, class) pairs entering NMS on our side: top 1,000 on each of P3-P7
@@ -149,16 +140,7 @@ def main() -> None:
   if args.quick:
     args.sizes, args.runs, args.warmup, args.matmul_n = '128x128', 2, 1, 512
   args.out = args.out or (DEFAULT_OUT.replace('.json', '_quick.json') if args.quick else DEFAULT_OUT)
-  threads = limit_threads(args.threads)
-  torch, torchvision = import_torch(threads, skip=args.no_torch)
-  if torch is None:
-    print('torchvision rows skipped: torch / torchvision not importable (or --no-torch)')
-
-  peak = dict(matmul_n=args.matmul_n, jax_gflops=jax_matmul_gflops(args.matmul_n, 10, 2))
-  if torch is not None:
-    peak['torch_gflops'] = torch_matmul_gflops(torch, args.matmul_n, 10, 2)
-  print(f'float32 matmul {args.matmul_n}^3 on {threads} cores: jnp.dot {peak["jax_gflops"]:.1f} GFLOP/s'
-        + (f', torch.mm {peak["torch_gflops"]:.1f} GFLOP/s' if torch is not None else ''), flush=True)
+  threads, torch, torchvision, peak = start_side_by_side(args.threads, args.no_torch, args.matmul_n)
 
   rows = []
   for size in args.sizes.split(','):

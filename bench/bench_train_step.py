@@ -54,12 +54,11 @@ sys.path.insert(0, BENCH)
 import side_by_side as sbs  # noqa: E402
 from timing import (  # noqa: E402
     import_torch,
-    jax_matmul_gflops,
     limit_threads,
     machine_info,
     max_rss_mb,
     median_ms,
-    torch_matmul_gflops,
+    start_side_by_side,
     write_json,
     xla_flops,
 )
@@ -212,15 +211,7 @@ def main() -> None:
   if args.quick:
     args.size, args.batches, args.steps, args.warmup, args.matmul_n = '128x128', '1', 2, 0, 512
   args.out = args.out or (DEFAULT_OUT.replace('.json', '_quick.json') if args.quick else DEFAULT_OUT)
-  threads = limit_threads(args.threads)
-  torch, _ = import_torch(threads, skip=args.no_torch)
-  if torch is None:
-    print('torchvision rows skipped: torch / torchvision not importable (or --no-torch)')
-  peak = dict(matmul_n=args.matmul_n, jax_gflops=jax_matmul_gflops(args.matmul_n, 10, 2))
-  if torch is not None:
-    peak['torch_gflops'] = torch_matmul_gflops(torch, args.matmul_n, 10, 2)
-  print(f'float32 matmul {args.matmul_n}^3 on {threads} cores: jnp.dot {peak["jax_gflops"]:.1f} GFLOP/s'
-        + (f', torch.mm {peak["torch_gflops"]:.1f} GFLOP/s' if torch is not None else ''), flush=True)
+  threads, torch, _, peak = start_side_by_side(args.threads, args.no_torch, args.matmul_n)
 
   size_hw = sbs.parse_hw(args.size)
   frameworks = ['ours'] + ([] if torch is None else ['torchvision'])

@@ -144,3 +144,19 @@ def max_rss_mb() -> float:
   import resource
 
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def start_side_by_side(threads: int, skip_torch: bool, matmul_n: int) -> tuple[int, Any, Any, dict[str, Any]]:
+  """What a side-by-side bench does first: pin `threads` cores, import torch (unless `skip_torch`; says when its
+  rows are skipped), and measure both frameworks' float32 matmul rate on `matmul_n`^3 (the FLOP floor's peak).
+  Returns (threads, torch or None, torchvision or None, peak dict)."""
+  threads = limit_threads(threads)
+  torch, torchvision = import_torch(threads, skip=skip_torch)
+  if torch is None:
+    print('torchvision rows skipped: torch / torchvision not importable (or --no-torch)')
+  peak = dict(matmul_n=matmul_n, jax_gflops=jax_matmul_gflops(matmul_n, 10, 2))
+  if torch is not None:
+    peak['torch_gflops'] = torch_matmul_gflops(torch, matmul_n, 10, 2)
+  print(f'float32 matmul {matmul_n}^3 on {threads} cores: jnp.dot {peak["jax_gflops"]:.1f} GFLOP/s'
+        + (f', torch.mm {peak["torch_gflops"]:.1f} GFLOP/s' if torch is not None else ''), flush=True)
+  return threads, torch, torchvision, peak
