@@ -32,6 +32,10 @@ SCRIPT = os.path.join(HERE, 'multidevice_checks.py')
 # moved the params by up to ~6e-3, the params differ by up to ~3e-6 (measured) - rounding, not a semantic gap; a
 # wrong normalizer or per-device statistics would be off by whole percents.
 PARAMS_TOL = dict(rtol=1e-5, atol=5e-6)
+# Two processes add their partials once more, over gloo: on the 2026-12-01 machine (Intel Xeon) 8 of 2,304 entries
+# of one conv kernel differ by up to 7.5e-6 after the 3 steps (the same at the commit before any change to the
+# model; 3e-6 on the earlier AMD machine). Still far below a semantic error (~1e-4 on these updates).
+MULTIHOST_PARAMS_TOL = dict(rtol=1e-5, atol=2e-5)
 # pmap differentiates one image per device and psums the 8 gradients; the largest sum, the stem conv kernel's (over
 # every pixel), then differs by up to ~1.3e-5 (measured) after 3 steps.
 PMAP_PARAMS_TOL = dict(rtol=1e-5, atol=3e-5)
@@ -184,7 +188,7 @@ def test_two_processes_with_2_devices_each_equal_one_process(data, data_parallel
   for i in range(2):
     results = _load(os.path.join(out, f'process_{i}.npz'))
     _assert_close({k: v for k, v in results.items() if not k.startswith('metrics')},
-                  {k: v for k, v in reference.items() if not k.startswith('metrics')}, **PARAMS_TOL)
+                  {k: v for k, v in reference.items() if not k.startswith('metrics')}, **MULTIHOST_PARAMS_TOL)
     _assert_close(_losses(results), _losses(reference), **LOSS_TOL)
     with open(os.path.join(out, f'process_{i}.json')) as f:
       ids.append(json.load(f)['image_ids'])
