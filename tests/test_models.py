@@ -294,8 +294,8 @@ def _conv_grads_reference(x, kernel, g, stride, pad, groups):
     kernel_grad=st.sampled_from(layers.KERNEL_GRADS),
 )
 def test_conv_gradients_equal_the_float64_reference(k, stride, pad, groups, h, w, kernel_grad):
-  """Both kernel-gradient paths ('xla', 'taps': one matmul per tap) give the gradients of the definition, for
-  strides, paddings and groups, including windows that see only padding."""
+  """Every kernel-gradient path ('xla', 'taps': one matmul per tap, 'by_size': either) gives the gradients of the
+  definition, for strides, paddings and groups, including windows that see only padding."""
   if h + 2 * pad < k or w + 2 * pad < k:
     return
   rng = np.random.default_rng(h * 1000 + w * 10 + k)
@@ -981,8 +981,8 @@ def test_conv1x1_as_matmul_model_equivalence(tiny):
 def test_conv_kernel_grad_model_equivalence(tiny):
   """'taps' and 'xla' kernel gradients: the same variables, and every parameter gradient of the model equal to
   float32 rounding (sums in another order)."""
-  module_taps, images, variables = tiny['module'], tiny['images'], tiny['variables']
-  assert module_taps.conv_kernel_grad == rm.resolve_conv_kernel_grad('auto')
+  images, variables = tiny['images'], tiny['variables']
+  assert tiny['module'].conv_kernel_grad == rm.resolve_conv_kernel_grad('auto')
   module_xla, _ = rm.build_model(tiny_config(conv_kernel_grad='xla'))
   module_taps, _ = rm.build_model(tiny_config(conv_kernel_grad='taps'))
 

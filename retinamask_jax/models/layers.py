@@ -50,6 +50,14 @@ def _conv(x, kernel, strides, padding, groups, precision):
   )
 
 
+def pixel_contraction(a: jax.Array, b: jax.Array, precision: Any = None) -> jax.Array:
+  """a [rows, P] and b [rows, Q] -> a^T b [P, Q] float32: a kernel gradient as one contraction over the pixel
+  axis of both operands. Stated this way (not by autodiff of a forward einsum), XLA's CPU backend feeds both operands
+  to the matmul as they are instead of transposing the cotangent inside a loop fusion that also recomputes the
+  elementwise backward before it (~30 ms per R-50 res4 block at 512 x 512; 8% of that train step)."""
+  return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), precision=precision, preferred_element_type=jnp.float32)
+
+
 def kernel_grad_by_taps(
     x: jax.Array, g: jax.Array, kernel_shape: Sequence[int], strides: tuple[int, int],
     padding: tuple[tuple[int, int], tuple[int, int]], groups: int, precision: Any = None,
@@ -76,8 +84,7 @@ def kernel_grad_by_taps(
       xs = jax.lax.slice(xp, (0, i, j, 0), (n, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, x.shape[3]),
                          (1, sh, sw, 1)).reshape(rows, groups, cin_g)
       if groups == 1:  # a plain matmul: XLA's CPU dot with a batch dimension is slower
-        taps.append(jax.lax.dot_general(xs[:, 0], g2[:, 0], (((0,), (0,)), ((), ())), precision=precision,
-                                        preferred_element_type=jnp.float32))
+        taps.append(pixel_contraction(xs[:, 0], g2[:, 0], precision))
       else:
         tap = jax.lax.dot_general(xs, g2, (((0,), (0,)), ((1,), (1,))), precision=precision,
                                   preferred_element_type=jnp.float32)  # [groups, cin_g, cout_g]
@@ -110,13 +117,8 @@ conv_with_tap_grad.defvjp(_conv_tap_fwd, _conv_tap_bwd)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def matmul_1x1(x: jax.Array, kernel: jax.Array, precision: Any = None) -> jax.Array:
-  """x [N, H, W, Cin] @ kernel [Cin, Cout] -> [N, H, W, Cout]: an unpadded 1x1 conv.
-
-  Its own VJP only to state the kernel gradient as one [Cin, N*H*W] x [N*H*W, Cout] contraction over the pixel
-  axis of both operands: from autodiff of the einsum, XLA's CPU backend transposes the output cotangent first, in
-  a loop fusion that also recomputes the elementwise backward chain before it (~30 ms per R-50 res4 block at
-  512 x 512; 8% of the train step, bench/bench_train_step.py).
-  """
+  """x [N, H, W, Cin] @ kernel [Cin, Cout] -> [N, H, W, Cout]: an unpadded 1x1 conv, with its own VJP only to state
+  the kernel gradient as a `pixel_contraction`."""
   return jnp.einsum('nhwc,cd->nhwd', x, kernel, precision=precision)
 
 
@@ -127,9 +129,7 @@ def _matmul_1x1_fwd(x, kernel, precision):
 def _matmul_1x1_bwd(precision, residuals, g):
   x, kernel = residuals
   dx = jnp.einsum('nhwd,cd->nhwc', g, kernel, precision=precision)
-  rows = x.shape[0] * x.shape[1] * x.shape[2]
-  dk = jax.lax.dot_general(x.reshape(rows, x.shape[3]), g.reshape(rows, g.shape[3]), (((0,), (0,)), ((), ())),
-                           precision=precision, preferred_element_type=jnp.float32)
+  dk = pixel_contraction(x.reshape(-1, x.shape[3]), g.reshape(-1, g.shape[3]), precision)
   return dx, dk.astype(kernel.dtype)
 
 
@@ -223,9 +223,8 @@ def _deconv_matmul_fwd(x, kernel, precision):
 
 
 def _deconv_matmul_bwd(precision, residuals, g):
-  # As for `matmul_1x1`: the kernel gradient as one contraction over the pixel axis of both operands, which keeps
-  # XLA's CPU backend from transposing the cotangent inside a recomputing loop fusion (45 ms per step for the
-  # shapes recipe's mask head).
+  # As for `matmul_1x1`: the kernel gradient as a `pixel_contraction` (45 ms of op time per shapes-recipe step
+  # before, in the mask head).
   x, kernel = residuals
   n, h, w, cin = x.shape
   f, cout = kernel.shape[0], kernel.shape[-1]
@@ -233,8 +232,7 @@ def _deconv_matmul_bwd(precision, residuals, g):
   dx = jnp.einsum('nhawbo,abco->nhwc', g6, kernel, precision=precision)
   rows = n * h * w
   g2 = jnp.transpose(g6, (0, 1, 3, 2, 4, 5)).reshape(rows, f * f * cout)  # [(n, y, x), (a, b, o)]
-  dk = jax.lax.dot_general(x.reshape(rows, cin), g2, (((0,), (0,)), ((), ())), precision=precision,
-                           preferred_element_type=jnp.float32)  # [cin, (a, b, o)]
+  dk = pixel_contraction(x.reshape(rows, cin), g2, precision)  # [cin, (a, b, o)]
   dk = jnp.transpose(dk.reshape(cin, f, f, cout), (1, 2, 0, 3))
   return dx, dk.astype(kernel.dtype)
 
