@@ -179,4 +179,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.batch_size = 8
   c.eval.max_images = 0  # 0 = all
   c.eval.num_prediction_images = 8  # validation images drawn with detections into <workdir>/predictions at the end
+
+  # ---------------------------------------------------------------- sweep (read by `python -m retinamask_jax.sweep`)
+  # What the sweep runs when no --grid / --seeds is given: the ablation configs (configs/ablation_*.py) set these,
+  # so that one command trains and tabulates a paper table. train.py ignores this section.
+  c.sweep = ml_collections.ConfigDict()
+  c.sweep.title = ''  # heading of sweep.md
+  c.sweep.grid = ()  # --grid specs, e.g. ('matching.best_match_threshold=0.5,0.4',)
+  c.sweep.labels = ()  # one row label per grid point (the paper's row names); () = the grid values
+  c.sweep.seeds = 1
   return c

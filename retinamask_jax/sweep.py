@@ -8,6 +8,10 @@ Every `--grid` adds a factor to a cartesian product; one grid may set several ke
 `seed` = config.seed + 0..S-1; the data order stays that of the config (`data.seed` is pinned), so a sweep's seeds
 vary the initialization only and a point's runs see the same batches.
 
+The paper's ablations are configs that carry their table (`sweep.grid`, `sweep.labels`, `sweep.seeds` = 3), at COCO
+or shapes scale: `python -m retinamask_jax.sweep --config configs/ablation_best_match.py:shapes --workdir runs/t1`
+(Table 1; `ablation_smooth_l1` is Table 2, `ablation_mask` Table 3, `ablation_gn` the GroupNorm variant).
+
 Runs are written to `<workdir>/runs/<name>/` (an ordinary train.py workdir: checkpoints, metrics.jsonl, eval/), one
 row per run to `<workdir>/sweep.json` and the paper's table format (mean and spread over seeds) to
 `<workdir>/sweep.md`. Re-running the command skips finished runs and resumes unfinished ones.
@@ -58,6 +62,7 @@ class Run:
   overrides: dict[str, Any]  # the grid point, key -> value
   seed: int
   config: ml_collections.ConfigDict
+  label: str = ''  # the point's row name in the table ('' = its values)
 
 
 # ------------------------------------------------------------------------------------------------ specification
@@ -75,16 +80,17 @@ def _lookup(config: ml_collections.ConfigDict, key: str) -> Any:
 
 
 def _parse_value(token: str, current: Any, key: str) -> Any:
-  """`token` as the type of the key's current value (bool, int, float, str, tuple); 'none' / 'off' = None."""
+  """`token` as the type of the key's current value (bool, int, float, str, tuple); 'none' / 'off' = None, except
+  for string keys, whose values they may be."""
   text = token.strip()
+  if isinstance(current, str):
+    return text  # string keys take 'none' as a value of their own (model.fpn.norm='none')
   if text.lower() in ('none', 'off'):
     return None
   if isinstance(current, bool) or text.lower() in ('true', 'false'):
     if text.lower() not in ('true', 'false'):
       raise SweepError(f'--grid: {key} takes true/false, got {token!r}')
     return text.lower() == 'true'
-  if isinstance(current, str):
-    return text
   try:
     value = ast.literal_eval(text)
   except (ValueError, SyntaxError):
@@ -102,8 +108,27 @@ def _parse_value(token: str, current: Any, key: str) -> Any:
   return value
 
 
+def _split_top(text: str, sep: str) -> list[str]:
+  """`text` split at the `sep`s outside brackets: '(1,2),(3,)' -> ['(1,2)', '(3,)']."""
+  parts, depth, start = [], 0, 0
+  for i, char in enumerate(text):
+    if char in '([{':
+      depth += 1
+    elif char in ')]}':
+      depth -= 1
+      if depth < 0:
+        raise SweepError(f'--grid: unbalanced brackets in {text!r}')
+    elif char == sep and depth == 0:
+      parts.append(text[start:i])
+      start = i + 1
+  if depth:
+    raise SweepError(f'--grid: unbalanced brackets in {text!r}')
+  return parts + [text[start:]]
+
+
 def parse_grid(spec: str, config: ml_collections.ConfigDict) -> Grid:
-  """'a.b=1,2,3' or 'a.b,c.d=1:x,2:y' -> Grid, values typed like the config's current values."""
+  """'a.b=1,2,3' or 'a.b,c.d=1:x,2:y' -> Grid, values typed like the config's current values; tuple values
+  in brackets ('data.min_sizes=(224,256),(288,)')."""
   if '=' not in spec:
     raise SweepError(f"--grid {spec!r}: expected 'key=v1,v2,...' or 'key1,key2=v1:w1,v2:w2'")
   lhs, rhs = spec.split('=', 1)
@@ -112,8 +137,8 @@ def parse_grid(spec: str, config: ml_collections.ConfigDict) -> Grid:
     raise SweepError('--grid: use --seeds for seeds')
   currents = [_lookup(config, k) for k in keys]
   points = []
-  for item in rhs.split(','):
-    tokens = item.split(':') if len(keys) > 1 else [item]
+  for item in _split_top(rhs, ','):
+    tokens = _split_top(item, ':') if len(keys) > 1 else [item]
     if len(tokens) != len(keys):
       raise SweepError(f'--grid {spec!r}: point {item!r} has {len(tokens)} values for {len(keys)} keys')
     points.append(tuple(_parse_value(t, c, k) for t, c, k in zip(tokens, currents, keys)))
@@ -134,16 +159,22 @@ def _format(value: Any) -> str:
   return 'off' if value is None else str(value).replace('/', '_').replace(' ', '')
 
 
-def expand(config: ml_collections.ConfigDict, grids: Sequence[Grid], num_seeds: int) -> list[Run]:
-  """The cartesian product of `grids` x `num_seeds` seeds, each as its own config (data order pinned)."""
+def expand(
+    config: ml_collections.ConfigDict, grids: Sequence[Grid], num_seeds: int, labels: Sequence[str] = ()
+) -> list[Run]:
+  """The cartesian product of `grids` x `num_seeds` seeds, each as its own config (data order pinned);
+  `labels`, if given, name the product's points in order."""
   if num_seeds < 1:
     raise SweepError(f'--seeds must be >= 1, got {num_seeds}')
+  num_points = math.prod(len(g.points) for g in grids)
+  if labels and len(labels) != num_points:
+    raise SweepError(f'sweep.labels: {len(labels)} labels for the {num_points} points of the grid')
   keys = [k for g in grids for k in g.keys]
   if len(set(keys)) != len(keys):
     raise SweepError(f'--grid: a key appears in two grids: {keys}')
   data_seed = int(config.seed if config.data.get('seed') is None else config.data.seed)
   runs = []
-  for combo in itertools.product(*[g.points for g in grids]):
+  for index, combo in enumerate(itertools.product(*[g.points for g in grids])):
     overrides = {k: v for g, point in zip(grids, combo) for k, v in zip(g.keys, point)}
     for i in range(num_seeds):
       seed = int(config.seed) + i
@@ -154,7 +185,7 @@ def expand(config: ml_collections.ConfigDict, grids: Sequence[Grid], num_seeds: 
         c.seed = seed
         c.data.seed = data_seed
       name = ','.join([f'{k}={_format(v)}' for k, v in overrides.items()] + [f'seed={seed}'])
-      runs.append(Run(name, overrides, seed, c))
+      runs.append(Run(name, overrides, seed, c, labels[index] if labels else ''))
   return runs
 
 
@@ -196,6 +227,8 @@ def _write_row(workdir: str, run: Run, row: dict[str, Any]) -> None:
 
 def _row(run: Run, metrics: dict[str, float], **extra: Any) -> dict[str, Any]:
   row = {'name': run.name, 'overrides': run.overrides, 'seed': run.seed}
+  if run.label:
+    row['label'] = run.label
   row.update({k: float(v) for k, v in metrics.items() if k.startswith(('bbox/', 'segm/'))})
   row.update(extra)
   return row
@@ -356,19 +389,22 @@ def run_sweep(
     *,
     vmap: bool = False,
     sweep_devices: int = 1,
+    labels: Sequence[str] = (),
+    title: str = '',
 ) -> list[dict[str, Any]]:
   """Train and evaluate every run of the sweep that has not finished; write sweep.json and sweep.md.
 
   Returns the rows (one per run, finished earlier or now): name, overrides, seed, `bbox/AP`.. and `segm/AP`..
   (fractions, as COCOeval prints them), mode, train_seconds (a vmapped run's share of its program's time),
   eval_seconds, runs_in_program and train_step_compilations (new compilations this run caused; a vmapped
-  program's are counted on its first run).
+  program's are counted on its first run), and `label` when `labels` name the grid's points (the table's first
+  column; `title` heads sweep.md).
   """
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   config = ml_collections.ConfigDict(config.to_dict())
   datasets = _shared_data(config, workdir)
-  runs = expand(config, grids, num_seeds)
+  runs = expand(config, grids, num_seeds, labels)
   names = [r.name for r in runs]
   if len(set(names)) != len(names):
     raise SweepError('two runs of the sweep have the same name; give distinct grid values')
@@ -377,6 +413,9 @@ def run_sweep(
   for run in runs:
     row = _read_row(workdir, run)
     if row is not None:
+      row.pop('label', None)
+      if run.label:
+        row['label'] = run.label
       rows[run.name] = row
   todo = [r for r in runs if r.name not in rows]
   if len(todo) < len(runs):
@@ -398,6 +437,8 @@ def run_sweep(
   with open(os.path.join(workdir, 'sweep.json'), 'w') as f:
     json.dump(ordered, f, indent=1)
   table = markdown_table(ordered, keys)
+  if title:
+    table = f'## {title}\n\n{table}'
   with open(os.path.join(workdir, 'sweep.md'), 'w') as f:
     f.write(table)
   print(table, flush=True)
@@ -419,17 +460,21 @@ def _cell(values: list[float]) -> str:
 
 def markdown_table(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> str:
   """The paper's table format: one line per grid point, AP / AP50 / AP75 / APs / APm / APl for box (and mask),
-  mean ± sample std over the seeds, then the number of seeds and the mean train time."""
+  mean ± sample std over the seeds, then the number of seeds and the mean train time. Rows with a `label`
+  (the paper's row names) show it in a first column."""
   points: dict[str, list[dict[str, Any]]] = {}
   for row in rows:
     points.setdefault(json.dumps([row['overrides'].get(k) for k in keys], default=repr), []).append(row)
   kinds = [k for k in ('bbox', 'segm') if any(f'{k}/AP' in r for r in rows)]
   short = [k.split('.')[-1] for k in keys]
-  header = short + [f'{"box" if kind == "bbox" else "mask"} {m}' for kind in kinds for m in METRICS]
+  labelled = any('label' in r for r in rows)
+  header = (['setting'] if labelled else []) + short
+  header += [f'{"box" if kind == "bbox" else "mask"} {m}' for kind in kinds for m in METRICS]
   header += ['seeds', 'train s']
   lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
   for group in points.values():
-    cells = [_format(group[0]['overrides'].get(k)) for k in keys]
+    cells = [group[0].get('label', '')] if labelled else []
+    cells += [_format(group[0]['overrides'].get(k)) for k in keys]
     cells += [_cell([r[f'{kind}/{m}'] for r in group if f'{kind}/{m}' in r]) for kind in kinds for m in METRICS]
     cells += [str(len(group)), f'{np.mean([r["train_seconds"] for r in group]):.0f}']
     lines.append('| ' + ' | '.join(cells) + ' |')
@@ -437,6 +482,20 @@ def markdown_table(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ command line
+
+
+def resolve_spec(
+    config: ml_collections.ConfigDict, grid_flags: Sequence[str] | None, seeds_flag: int | None
+) -> tuple[list[Grid], int, tuple[str, ...]]:
+  """The grids, seeds and row labels to run: the flags where given, else the config's `sweep` section (an
+  ablation config carries its paper table there). A --grid replaces the config's grid and its labels; no grid at
+  all is one point (the config itself, e.g. over seeds)."""
+  if grid_flags:
+    specs, labels = list(grid_flags), ()
+  else:
+    specs, labels = list(config.sweep.grid), tuple(config.sweep.labels)
+  grids = [parse_grid(spec, config) for spec in specs]
+  return grids, int(config.sweep.seeds if seeds_flag is None else seeds_flag), labels
 
 
 def main(argv: Sequence[str]) -> None:
@@ -452,8 +511,9 @@ def main(argv: Sequence[str]) -> None:
 
   def sweep():
     config = f['config'].value
-    grids = [parse_grid(spec, config) for spec in f.grid or []]
-    return run_sweep(config, f.workdir, grids, f.seeds, vmap=f.vmap, sweep_devices=f.sweep_devices)
+    grids, seeds, labels = resolve_spec(config, f.grid, f.seeds)
+    return run_sweep(config, f.workdir, grids, seeds, vmap=f.vmap, sweep_devices=f.sweep_devices,
+                     labels=labels, title=config.sweep.title)
 
   cli.run(sweep)
 
@@ -465,8 +525,10 @@ def _define_flags() -> None:
   here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   config_flags.DEFINE_config_file('config', os.path.join(here, 'configs', 'shapes.py'), 'Base config of the sweep.')
   flags.DEFINE_string('workdir', 'runs/sweep', 'Sweep directory: runs/<name>/, sweep.json, sweep.md.')
-  flags.DEFINE_multi_string('grid', [], "'key=v1,v2,..' or 'key1,key2=v1:w1,v2:w2' (zipped); repeat for a product.")
-  flags.DEFINE_integer('seeds', 1, 'Runs per grid point, with seed = config.seed + 0..seeds-1.')
+  flags.DEFINE_multi_string('grid', [], "'key=v1,v2,..' or 'key1,key2=v1:w1,v2:w2' (zipped); repeat for a product. "
+                            "Default: the config's sweep.grid (the ablation configs set it).")
+  flags.DEFINE_integer('seeds', None, 'Runs per grid point, with seed = config.seed + 0..seeds-1 '
+                       '(default: the config\'s sweep.seeds, 1 in configs/base.py).')
   flags.DEFINE_bool('vmap', False, 'Train runs that differ only in traced knobs and seeds as one program.')
   flags.DEFINE_integer('sweep_devices', 1, 'With --vmap: devices on the sweep mesh axis (the rest on data).')
 

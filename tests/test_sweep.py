@@ -23,6 +23,8 @@ def test_parse_grid_types_values_like_the_config():
   g = sweep.parse_grid('loss.self_adjusting,loss.beta_max=false:0.11,true:1', c)
   assert g.points == ((False, 0.11), (True, 1.0))
   assert isinstance(g.points[1][1], float)
+  g = sweep.parse_grid('model.fpn.norm,model.head.norm=none:group_norm,off:none', c)
+  assert g.points == (('none', 'group_norm'), ('off', 'none'))  # string keys keep 'none' / 'off' as strings
   g = sweep.parse_grid('model.mask.min_level,train.num_steps=2:10,3:15', c)
   assert g.points == ((2, 10), (3, 15))
 
@@ -196,3 +198,48 @@ def test_sweep_writes_normal_run_dirs_tables_and_resumes(sweeps):
   again = sweep.run_sweep(sweeps['config'], str(root / 'seq'), sweeps['grids'])
   assert again == sweeps['rows']
   assert {p: p.stat().st_mtime for p in before} == before
+
+
+# ------------------------------------------------------------------------------------------------ ablation configs
+
+
+def test_grid_values_may_be_bracketed_tuples():
+  c = tiny.get_config()
+  g = sweep.parse_grid('train.num_steps,train.lr_steps=10:(6,8),15:(9, 12,)', c)
+  assert g.points == ((10, (6, 8)), (15, (9, 12)))
+  g = sweep.parse_grid('data.min_sizes=(128,),(128,256)', c)
+  assert g.points == (((128,),), ((128, 256),))
+  with pytest.raises(sweep.SweepError, match='unbalanced'):
+    sweep.parse_grid('data.min_sizes=(128,', c)
+  with pytest.raises(sweep.SweepError, match='unbalanced'):
+    sweep.parse_grid('data.min_sizes=128),(3', c)
+
+
+def test_labels_name_the_points_and_head_the_table():
+  c = tiny.get_config()
+  grids = [sweep.parse_grid('loss.beta=1.0,0.11', c)]
+  runs = sweep.expand(c, grids, 2, labels=('wide', 'narrow'))
+  assert [r.label for r in runs] == ['wide', 'wide', 'narrow', 'narrow']
+  with pytest.raises(sweep.SweepError, match='3 labels for the 2 points'):
+    sweep.expand(c, grids, 1, labels=('a', 'b', 'c'))
+  rows = [{'overrides': r.overrides, 'label': r.label, 'bbox/AP': 0.1 * i, 'train_seconds': 1.0}
+          for i, r in enumerate(runs)]
+  for row in rows:
+    row.update({f'bbox/{m}': 0.0 for m in sweep.METRICS[1:]})
+  lines = sweep.markdown_table(rows, ['loss.beta']).splitlines()
+  assert lines[0].startswith('| setting | beta | box AP |')
+  # wide: AP 0 and 10 -> 5.0 ± 7.1; narrow: 20 and 30 -> 25.0 ± 7.1
+  assert lines[2].startswith('| wide | 1.0 | 5.0 ± 7.1 |')
+  assert lines[3].startswith('| narrow | 0.11 | 25.0 ± 7.1 |')
+
+
+def test_resolve_spec_takes_the_configs_table_unless_flags_are_given():
+  from configs import ablation_smooth_l1
+
+  c = ablation_smooth_l1.get_config('shapes')
+  grids, seeds, labels = sweep.resolve_spec(c, [], None)
+  assert seeds == 3 and len(labels) == 4 and grids[0].keys == ('loss.self_adjusting', 'loss.beta', 'loss.beta_max')
+  grids, seeds, labels = sweep.resolve_spec(c, ['loss.beta=1.0'], 1)
+  assert seeds == 1 and labels == () and grids[0].points == ((1.0,),)
+  grids, seeds, labels = sweep.resolve_spec(tiny.get_config(), [], None)
+  assert grids == [] and seeds == 1 and len(sweep.expand(tiny.get_config(), grids, seeds)) == 1

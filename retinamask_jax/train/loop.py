@@ -144,6 +144,7 @@ def _first_canvas(config: ml_collections.ConfigDict) -> tuple[int, int]:
 _NOT_IN_PROGRAM = (
     ('seed',), ('data',), ('eval',), ('checkpoint',), ('train', 'log_every_steps'),
     ('model', 'category_ids'), ('model', 'class_names'), ('model', 'backbone_init'), ('train', 'nonfinite'),
+    ('sweep',),
 ) + tuple(tuple(key.split('.')) for key in HPARAM_CONFIG_KEYS.values())
 
 
