@@ -6,8 +6,9 @@ minutes on 2 CPU cores.
 The default recipe's model (`configs/shapes.py`: a slim GN ResNet-18, narrow FPN, heads and mask head, AdamW with a
 cosine schedule) on the shapes dataset at one fixed size, 256 x 256 (one canvas, no multi-scale): 2,000 training
 images, and 200 validation images drawn from the generator's separate 'val' stream, so that no validation image or
-object is seen in training. 600 steps of 4 images fit the 15 minutes on the 2026-12-01 machine (2 AMD EPYC cores,
-~1.2 s per step); the result is in README.md ("Shapes benchmark") and ABLATIONS.md.
+object is seen in training. 450 steps of 4 images fit the 15 minutes on the 2026-12-02 machine (2 AMD EPYC cores,
+~1.4 s per step, plus ~3 minutes of data generation, compilation and evaluation); `train.num_steps` is the knob
+for a faster machine. The result is in README.md ("Shapes benchmark").
 """
 
 import ml_collections
@@ -24,7 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.max_size = 256
   c.data.test_min_size = 256
   c.data.test_max_size = 256
-  c.train.num_steps = 600
+  c.train.num_steps = 450
   c.train.warmup_steps = 50
-  c.checkpoint.every_steps = 300
+  c.checkpoint.every_steps = 150
   return c
