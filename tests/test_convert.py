@@ -251,13 +251,29 @@ def test_retinanet_features_heads_and_detections_match_torchvision(reference, co
     check_detections(boxes, dets['scores'][i][valid], dets['classes'][i][valid], want, f'image {i}')
 
 
+def _match(boxes, classes, want_boxes, want_labels):
+  """For each of our detections, the index of torchvision's with the same class and the nearest box."""
+  dist = np.abs(want_boxes[None, :, :] - boxes[:, None, :]).max(-1)
+  dist[classes[:, None] != want_labels[None, :]] = np.inf
+  return np.argmin(dist, axis=1)
+
+
 def check_detections(boxes, scores, classes, want, what):
   n = len(want['scores'])
   assert 20 <= n, f'{what}: only {n} detections; the test needs more to mean something'
   assert len(scores) == n, (what, len(scores), n)
-  np.testing.assert_array_equal(classes - 1, want['labels'].numpy(), err_msg=what)  # our class k = label k - 1
-  box_err = np.abs(boxes - want['boxes'].numpy()).max()
-  score_err = np.abs(scores - want['scores'].numpy()).max()
+  want_boxes, want_scores, want_labels = want['boxes'].numpy(), want['scores'].numpy(), want['labels'].numpy()
+  # Detections whose scores tie to float32 rounding may come out of either side's sort in either order (measured:
+  # 2 pairs of 300 swapped on a Zen 3 CPU). Match them by class and box; a swap is allowed only between near-ties.
+  perm = _match(boxes, classes - 1, want_boxes, want_labels)  # our class k = label k - 1
+  assert len(set(perm.tolist())) == n, f'{what}: detections without a counterpart'
+  moved = perm != np.arange(n)
+  assert np.all(np.abs(scores[moved] - want_scores[moved]) < 1e-4), (what, np.flatnonzero(moved))
+  assert moved.sum() <= n // 50, (what, moved.sum())
+  want_boxes, want_scores, want_labels = want_boxes[perm], want_scores[perm], want_labels[perm]
+  np.testing.assert_array_equal(classes - 1, want_labels, err_msg=what)
+  box_err = np.abs(boxes - want_boxes).max()
+  score_err = np.abs(scores - want_scores).max()
   print(f'{what}: {n} detections, max box err {box_err:.2e} px, max score err {score_err:.2e}')
   assert box_err < 1e-2 and score_err < 1e-4, (what, box_err, score_err)
 
@@ -279,7 +295,8 @@ def test_detector_on_uint8_images_matches_torchvision(reference, converted):
       want = tv([torch.from_numpy(image).permute(2, 0, 1) / 255.0])[0]
     r = got[i]
     check_detections(r['boxes'], r['scores'], r['classes'], want, f'uint8 image {i}')
-    assert r['category_ids'].tolist() == want['labels'].tolist()  # category id = torchvision label
+    perm = _match(r['boxes'], r['classes'] - 1, want['boxes'].numpy(), want['labels'].numpy())
+    assert r['category_ids'].tolist() == want['labels'].numpy()[perm].tolist()  # category id = torchvision label
     assert r['names'][:3] == [torchvision_retinanet_r50.COCO_CATEGORIES[k] for k in want['labels'][:3].tolist()]
 
 
