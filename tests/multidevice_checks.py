@@ -144,6 +144,7 @@ def data_parallel(out: str, train_json: str, train_images: str) -> None:
   assert jax.device_count() == 8, jax.devices()
   c, ds, model, state0 = build(train_json, train_images, 8)
   batches = read_batches(ds, c, 8)
+  np.savez(os.path.join(out, 'init.npz'), **flatten(state0))  # the tests compare updates from here
   timings, states = {}, {}
   for name, devices in (('one_device', jax.devices()[:1]), ('eight_devices', jax.devices())):
     t0 = time.perf_counter()

@@ -24,23 +24,31 @@ import pytest
 
 from retinamask_jax.data import shapes
 
+NUM_STEPS = 3  # multidevice_checks.NUM_STEPS
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, 'multidevice_checks.py')
 
-# Float32 results of different programs differ in the order of their sums: the 8-device step adds 8 per-device
-# gradient partials in an all-reduce, one device reduces over the batch in one loop. After 3 SGD updates that
-# moved the params by up to ~6e-3, the params differ by up to ~3e-6 (measured) - rounding, not a semantic gap; a
-# wrong normalizer or per-device statistics would be off by whole percents.
-PARAMS_TOL = dict(rtol=1e-5, atol=5e-6)
-# Two processes add their partials once more, over gloo: on the 2026-12-01 machine (Intel Xeon) 8 of 2,304 entries
-# of one conv kernel differ by up to 7.5e-6 after the 3 steps (the same at the commit before any change to the
-# model; 3e-6 on the earlier AMD machine). Still far below a semantic error (~1e-4 on these updates).
-MULTIHOST_PARAMS_TOL = dict(rtol=1e-5, atol=2e-5)
-# pmap differentiates one image per device and psums the 8 gradients; the largest sum, the stem conv kernel's (over
-# every pixel), then differs by up to ~1.3e-5 (measured) after 3 steps.
-PMAP_PARAMS_TOL = dict(rtol=1e-5, atol=3e-5)
-STATS_TOL = dict(rtol=1e-5, atol=1e-6)
-LOSS_TOL = dict(rtol=1e-5, atol=1e-6)
+# Different programs sum in different orders (the 8-device step adds 8 per-device gradient partials in an
+# all-reduce, one device reduces over the batch in one loop, two processes add once more over gloo), and the
+# training problem amplifies that rounding: the mask branch picks its proposals by top-k of the scores (a
+# discontinuity), and 3 updates from scratch move some weights by only a few ulps of their gradients' rounding. How
+# far the results drift apart depends on the CPU's kernels, not on our code: the stem conv kernel's largest
+# elementwise difference after 3 steps measured 5e-7 (1 vs 8 devices) and 1.3e-5 (2 processes) on an AVX-512 AMD
+# EPYC, but 8.9e-5 on an AVX2 one (210 of 2,352 entries past an elementwise 5e-6) - elementwise tolerances tuned on
+# one machine fail on the next. So the params are compared as *updates* (params - init), in norm: all of them
+# together within UPDATE_RTOL of the reference update's norm, and each tensor within TENSOR_UPDATE_RTOL of its own
+# (plus TENSOR_UPDATE_ATOL sqrt(size), for the biases in front of GroupNorm whose true gradient is 0: they move by
+# ~1e-11). Measured on AVX-512: 1 vs 8 devices 7e-5 overall and 7e-4 for the worst tensor (a GroupNorm scale); 2
+# processes vs 1, 1.6e-3 overall and 6.6e-3 for the worst (a GroupNorm bias). The AVX2 machine's ~7x larger drift
+# stays inside with a margin of 4; a semantic error is tens of percent or more overall (a missing psum or a wrong
+# device count scales the gradient by up to 8x, a per-device normalizer reweights the images).
+UPDATE_RTOL, TENSOR_UPDATE_RTOL, TENSOR_UPDATE_ATOL = 5e-2, 2e-1, 1e-7
+# The losses: at step 0 all programs see the same params, so only the forward's summation order differs; later
+# steps see the drifted params (the loss itself moves ~2e-2 in these 3 steps). The self-adjusting smooth-L1
+# statistics accumulate |box error| over the 3 steps.
+FIRST_LOSS_RTOL, LATER_LOSS_RTOL = 1e-5, 1e-3
+STATS_TOL = dict(rtol=1e-3, atol=1e-6)
 # bfloat16 convs and heads against float32 on the same batch and params: measured relative difference ~3e-4.
 BF16_LOSS_RTOL = 1e-2
 
@@ -76,6 +84,36 @@ def _assert_close(actual: dict, expected: dict, **tol) -> None:
     np.testing.assert_allclose(actual[k], expected[k], err_msg=k, **tol)
 
 
+def _prefixed(results: dict, prefix: str) -> dict:
+  return {k: v for k, v in results.items() if k.startswith(prefix)}
+
+
+def _assert_same_training(actual: dict, expected: dict, init: dict) -> None:
+  """Two programs trained the same NUM_STEPS from `init`: equal params updates (in norm, per tensor), loss
+  statistics and per-step losses, to the tolerances above; the anchor-matching counts exactly."""
+  params, ref = _prefixed(actual, 'params'), _prefixed(expected, 'params')
+  assert params.keys() == ref.keys() == _prefixed(init, 'params').keys() and params
+  gaps, scales, worst = [], [], (0.0, '')
+  for k in ref:
+    update, ref_update = params[k] - init[k], ref[k] - init[k]
+    gap, scale = float(np.linalg.norm(update - ref_update)), float(np.linalg.norm(ref_update))
+    assert gap <= TENSOR_UPDATE_RTOL * scale + TENSOR_UPDATE_ATOL * np.sqrt(update.size), (k, gap, scale)
+    gaps.append(gap)
+    scales.append(scale)
+    worst = max(worst, (gap / scale if scale > 1e-6 else 0.0, k))
+  overall = float(np.linalg.norm(gaps) / np.linalg.norm(scales))
+  print(f'update difference: {overall:.2e} of the update overall, {worst[0]:.2e} at worst ({worst[1]})')
+  assert overall <= UPDATE_RTOL, overall
+  _assert_close(_prefixed(actual, 'loss_stats'), _prefixed(expected, 'loss_stats'), **STATS_TOL)
+  losses, ref_losses = _losses(actual), _losses(expected)
+  assert losses.keys() == ref_losses.keys() and losses
+  for k in ref_losses:
+    rtol = FIRST_LOSS_RTOL if k.startswith('metrics/0/') else LATER_LOSS_RTOL
+    np.testing.assert_allclose(losses[k], ref_losses[k], rtol=rtol, err_msg=k)
+  for i in range(NUM_STEPS):  # the positives behind the normalizers are a function of the batch alone
+    assert actual[f'metrics/{i}/num_pos'] == expected[f'metrics/{i}/num_pos'], i
+
+
 def _losses(results: dict) -> dict:
   return {k: v for k, v in results.items() if k.startswith('metrics/') and k.endswith('loss')}
 
@@ -98,29 +136,19 @@ def test_sharded_jit_on_8_devices_equals_one_device(data_parallel):
   """3 steps, global batch 8 sharded over 8 devices (state replicated) == the same 3 steps on a 1-device mesh."""
   one = _load(os.path.join(data_parallel, 'one_device.npz'))
   eight = _load(os.path.join(data_parallel, 'eight_devices.npz'))
-  _assert_close(
-      {k: v for k, v in eight.items() if k.startswith('params')},
-      {k: v for k, v in one.items() if k.startswith('params')}, **PARAMS_TOL)
-  _assert_close(
-      {k: v for k, v in eight.items() if k.startswith('loss_stats')},
-      {k: v for k, v in one.items() if k.startswith('loss_stats')}, **STATS_TOL)
-  _assert_close(_losses(eight), _losses(one), **LOSS_TOL)
-  for i in range(3):  # the counts behind the normalizers are exact
-    for k in ('num_pos', 'num_mask_pos', 'num_detections'):
-      assert eight[f'metrics/{i}/{k}'] == one[f'metrics/{i}/{k}'], (i, k)
+  _assert_same_training(eight, one, _load(os.path.join(data_parallel, 'init.npz')))
+  for k in ('num_mask_pos', 'num_detections'):  # the same batch and params at step 0: the same mask proposals
+    assert eight[f'metrics/0/{k}'] == one[f'metrics/0/{k}'], k
   assert one['metrics/2/num_mask_pos'] > 0  # the mask branch (and its psum) took part
-  moved = max(np.max(np.abs(one[k] - eight[k])) for k in one if k.startswith('params'))
-  print(f'max |params(8 devices) - params(1 device)| = {moved:.2e}')
 
 
 def test_pmap_step_equals_sharded_jit(data_parallel):
-  """`jax.pmap(make_train_step(..., axis_name='data'))`, one image per device, reaches the same params."""
+  """`jax.pmap(make_train_step(..., axis_name='data'))`, one image per device, reaches the same params and losses
+  (the psummed shares are the global loss)."""
   pmap = _load(os.path.join(data_parallel, 'pmap.npz'))
+  init = _load(os.path.join(data_parallel, 'init.npz'))
   for reference in ('eight_devices', 'one_device'):
-    ref = _load(os.path.join(data_parallel, f'{reference}.npz'))
-    _assert_close({k: v for k, v in pmap.items() if not k.startswith('metrics')},
-                  {k: v for k, v in ref.items() if not k.startswith('metrics')}, **PMAP_PARAMS_TOL)
-    _assert_close(_losses(pmap), _losses(ref), **LOSS_TOL)  # psummed shares == the global loss
+    _assert_same_training(pmap, _load(os.path.join(data_parallel, f'{reference}.npz')), init)
 
 
 def test_bf16_step_keeps_float32_params_and_a_close_loss(data_parallel):
@@ -182,14 +210,12 @@ def test_two_processes_with_2_devices_each_equal_one_process(data, data_parallel
   for p in procs:
     _wait(p)
   reference = _load(os.path.join(data_parallel, 'one_device.npz'))
+  init = _load(os.path.join(data_parallel, 'init.npz'))
   with open(os.path.join(data_parallel, 'data_parallel.json')) as f:
     global_ids = json.load(f)['image_ids']
   ids = []
   for i in range(2):
-    results = _load(os.path.join(out, f'process_{i}.npz'))
-    _assert_close({k: v for k, v in results.items() if not k.startswith('metrics')},
-                  {k: v for k, v in reference.items() if not k.startswith('metrics')}, **MULTIHOST_PARAMS_TOL)
-    _assert_close(_losses(results), _losses(reference), **LOSS_TOL)
+    _assert_same_training(_load(os.path.join(out, f'process_{i}.npz')), reference, init)
     with open(os.path.join(out, f'process_{i}.json')) as f:
       ids.append(json.load(f)['image_ids'])
   for step, batch in enumerate(global_ids):
