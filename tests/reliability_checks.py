@@ -168,9 +168,10 @@ def train_args(workdir: str, *overrides: str) -> list[str]:
 
 def subprocess_env(cache_dir: str) -> dict[str, str]:
   """The environment of the training subprocesses: JAX's persistent compilation cache shared between them, so that
-  only the first one compiles (a restarted run reuses the executables; their results are the same bits)."""
+  only the first one compiles (a restarted run reuses the executables; their results are the same bits). The test
+  run's cache (tests/conftest.py) where there is one, else `cache_dir`."""
   env = dict(os.environ)
-  env['JAX_COMPILATION_CACHE_DIR'] = cache_dir
+  env.setdefault('JAX_COMPILATION_CACHE_DIR', cache_dir)
   env['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
   env.pop('XLA_FLAGS', None)
   return env
