@@ -4,8 +4,9 @@ A slim ResNet-18 with GroupNorm everywhere, trained from scratch (nothing may be
 mask head, the full RetinaMask method otherwise (best-matching anchors, self-adjusting smooth L1, mask branch), and
 AdamW with a cosine schedule, which makes more of a short from-scratch budget than the authors' SGD steps.
 Multi-scale training on small canvases. The whole command (data generation, training, evaluation, prediction
-images) took 13 minutes on the 2026-11-25 reference machine (2 AMD EPYC cores) and takes ~1.6x that on the
-2026-12-01 one (2 Intel Xeon cores, which run this small model's step slower); `train.num_steps` is the knob.
+images) took 13 minutes on the 2026-11-25 reference machine (2 AMD EPYC cores), 23 on the 2026-12-01 one (2 Intel
+Xeon cores) and 26 on the 2026-12-02 one (2 AMD EPYC Zen 4 cores): this small model's step is bound by XLA's CPU
+kernels and memory traffic more than by FLOPs; `train.num_steps` is the knob.
 
 Pointed at another COCO-format dataset (`--config.data.train_json=... --config.data.train_images=...`, and the
 val pair), the same recipe applies: any image size is resized to the short side `data.min_sizes` (long side capped
