@@ -6,9 +6,10 @@ minutes on 2 CPU cores.
 The default recipe's model (`configs/shapes.py`: a slim GN ResNet-18, narrow FPN, heads and mask head, AdamW with a
 cosine schedule) on the shapes dataset at one fixed size, 256 x 256 (one canvas, no multi-scale): 2,000 training
 images, and 200 validation images drawn from the generator's separate 'val' stream, so that no validation image or
-object is seen in training. 450 steps of 4 images fit the 15 minutes on the 2026-12-02 machine (2 AMD EPYC cores,
-~1.4 s per step, plus ~3 minutes of data generation, compilation and evaluation); `train.num_steps` is the knob
-for a faster machine. The result is in README.md ("Shapes benchmark").
+object is seen in training. 900 steps of 4 images fit the 15 minutes on the 2026-12-02 Zen 4 machine (2 AMD EPYC
+cores, ~0.65 s per step: 11 min 25 s for the whole command, data generation, compilation and an evaluation at step
+450 included); the earlier 2026-12-02 Zen 3 machine (52 GFLOP/s) ran ~1.4 s per step, where 450 steps was the fit.
+`train.num_steps` is the knob for another machine. The results are in README.md ("Shapes benchmark").
 """
 
 import ml_collections
@@ -25,7 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.max_size = 256
   c.data.test_min_size = 256
   c.data.test_max_size = 256
-  c.train.num_steps = 450
+  c.train.num_steps = 900
   c.train.warmup_steps = 50
-  c.checkpoint.every_steps = 150
+  c.checkpoint.every_steps = 300
   return c
