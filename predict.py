@@ -9,7 +9,7 @@ import sys
 
 from absl import app, flags
 
-from retinamask_jax import cli
+from retinamask_jax import cli, host_malloc
 
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/default', 'Training workdir (or a checkpoints / step directory).')
 _IMAGES = flags.DEFINE_multi_string('images', [], 'Image files (repeat the flag, or list them after --images).')
@@ -27,4 +27,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  host_malloc.reexec_with_hugepage_malloc()  # before any work: glibc reads it at process start
   app.run(main, flags_parser=cli.parse_flags)

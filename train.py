@@ -10,7 +10,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from retinamask_jax import cli
+from retinamask_jax import cli, host_malloc
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _CONFIG = config_flags.DEFINE_config_file(
@@ -26,4 +26,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  host_malloc.reexec_with_hugepage_malloc()  # before any work: glibc reads it at process start
   app.run(main, flags_parser=cli.parse_flags)

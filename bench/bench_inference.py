@@ -181,4 +181,7 @@ def main() -> None:
 
 
 if __name__ == '__main__':
+  from retinamask_jax import host_malloc
+
+  host_malloc.reexec_with_hugepage_malloc()  # as train.py runs: large XLA buffers on huge pages
   main()

@@ -76,6 +76,8 @@ def machine_info(torch_module: Any = None) -> dict[str, Any]:
   import jax
   import jaxlib
 
+  from retinamask_jax import host_malloc
+
   cpu_model = platform.processor()
   try:
     with open('/proc/cpuinfo') as f:
@@ -94,6 +96,8 @@ def machine_info(torch_module: Any = None) -> dict[str, Any]:
       jax_backend=jax.default_backend(),
       jax_device=jax.devices()[0].device_kind,
       xla_flags=os.environ.get('XLA_FLAGS', ''),
+      glibc_tunables=os.environ.get('GLIBC_TUNABLES', ''),  # retinamask_jax.host_malloc
+      transparent_hugepages=host_malloc.thp_mode(),
       torch_version=None,
       torchvision_version=None,
       torch_threads=None,

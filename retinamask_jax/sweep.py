@@ -536,7 +536,8 @@ def _define_flags() -> None:
 if __name__ == '__main__':
   from absl import app
 
-  from retinamask_jax import cli
+  from retinamask_jax import cli, host_malloc
 
+  host_malloc.reexec_with_hugepage_malloc()  # as train.py: large XLA buffers on huge pages
   _define_flags()
   app.run(main, flags_parser=cli.parse_flags)
