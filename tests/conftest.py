@@ -19,9 +19,15 @@ from hypothesis import settings  # noqa: E402
 # every subprocess inherit it through the environment. A hit loads the executable XLA built for the same program
 # and flags, so results are the same bits; programs with other XLA_FLAGS (the multi-device checks) have other keys.
 # Programs that compile in under 0.2 s are not worth a file each.
+# The workers and subprocesses also run as train.py does, with XLA's large per-call buffers on huge pages
+# (retinamask_jax.host_malloc; glibc reads it at process start, so the controller itself runs without it).
 if 'PYTEST_XDIST_WORKER' not in os.environ:
   os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='retinamask-jax-tests-')
   os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0.2'
+  from retinamask_jax import host_malloc  # noqa: E402
+
+  if host_malloc.applies():
+    os.environ.update(host_malloc.env_with_hugepage_malloc(os.environ))
 import jax  # noqa: E402
 
 # JAX read the variables when it was first imported, which may have been before they were set (a plugin).
