@@ -5,7 +5,8 @@ mask head, the full RetinaMask method otherwise (best-matching anchors, self-adj
 AdamW with a cosine schedule, which makes more of a short from-scratch budget than the authors' SGD steps.
 Multi-scale training on small canvases. The whole command (data generation, training, evaluation, prediction
 images) took 13 minutes on the 2026-11-25 reference machine (2 AMD EPYC cores), 23 on the 2026-12-01 one (2 Intel
-Xeon cores) and 26 on the 2026-12-02 one (2 AMD EPYC Zen 4 cores): this small model's step is bound by XLA's CPU
+Xeon cores), 26 on the 2026-12-02 one (2 AMD EPYC Zen 4 cores) and 16 there with XLA's buffers on huge pages
+(retinamask_jax/host_malloc.py): this small model's step is bound by XLA's CPU
 kernels and memory traffic more than by FLOPs; `train.num_steps` is the knob.
 
 Pointed at another COCO-format dataset (`--config.data.train_json=... --config.data.train_images=...`, and the
