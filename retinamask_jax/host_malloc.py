@@ -10,10 +10,11 @@ pages, so the kernel maps them 2 MiB at a time: ~500x fewer faults, -16% on that
 machine (BENCHMARKS.md). It only acts where the kernel's THP mode is `madvise` (the common default) and is moot
 under `always`; under `never` nothing changes.
 
-glibc reads tunables once, when the process starts, so the entry points (train.py, eval.py, predict.py and the
-bench scripts) re-execute themselves once with the tunable added to `GLIBC_TUNABLES`; a process of your own sets it
-in its environment: `GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python my_script.py`. `RETINAMASK_HUGEPAGE_MALLOC=0`
-turns the re-execution off; a `glibc.malloc.hugetlb` value already in `GLIBC_TUNABLES` is kept as it is.
+glibc reads tunables once, when the process starts, so the entry points (train.py, eval.py, predict.py,
+`python -m retinamask_jax.sweep` and the bench scripts) re-execute themselves once with the tunable added to
+`GLIBC_TUNABLES`; a process of your own sets it in its environment: `GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python
+my_script.py`. `RETINAMASK_HUGEPAGE_MALLOC=0` turns the re-execution off; a `glibc.malloc.hugetlb` value already in
+`GLIBC_TUNABLES` is kept as it is.
 """
 
 from __future__ import annotations
