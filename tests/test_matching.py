@@ -246,3 +246,39 @@ def test_agrees_with_torchvision_matcher(seed):
   m, lab = run(anchors, gt, [True] * g)
   np.testing.assert_array_equal(lab, want_l)
   np.testing.assert_array_equal(m[matches >= 0], matches[matches >= 0])
+
+
+@requires_torchvision
+def test_padded_batch_at_training_size_agrees_with_torchvision_matcher():
+  """The training shapes: 512 x 512 anchors, 100 GT slots of which 30 are real, vmapped over 2 images, inside
+  a jit. GT are drawn so that many contain anchors whole, where float32 IoUs of different anchors round to the
+  same value: all those ties must become positive, as in torchvision's float32 Matcher."""
+  import torch
+  from torchvision.models.detection._utils import Matcher
+  from torchvision.ops import box_iou as tv_box_iou
+
+  anchors = anchor_ops.generate_anchors((512, 512))
+  rng = np.random.default_rng(0)
+  slots, real = 100, 30
+  gt = np.zeros((2, slots, 4), np.float32)
+  for i in range(2):
+    xy = rng.uniform(0, 300, (real, 2))
+    gt[i, :real] = np.concatenate([xy, xy + rng.uniform(10, 200, (real, 2))], 1)
+  valid = np.arange(slots)[None, :].repeat(2, 0) < real
+  m, lab = jax.jit(
+      jax.vmap(
+          lambda g, v: match_anchors(
+              anchors, g, v, positive_iou=0.5, negative_iou=0.4, best_match_threshold=0.0
+          )
+      )
+  )(gt, valid)
+  matcher = Matcher(0.5, 0.4, allow_low_quality_matches=True)
+  ties = 0
+  for i in range(2):
+    quality = tv_box_iou(torch.from_numpy(gt[i, :real]), torch.from_numpy(np.array(anchors)))  # [G, A]
+    ties += int((quality == quality.max(dim=1, keepdim=True).values).sum()) - real
+    matches = matcher(quality).numpy()
+    want_l = np.where(matches >= 0, 1, np.where(matches == -1, 0, -1))
+    np.testing.assert_array_equal(np.asarray(lab[i]), want_l)
+    np.testing.assert_array_equal(np.asarray(m[i])[matches >= 0], matches[matches >= 0])
+  assert ties > 0  # the case exercises tied best anchors
