@@ -66,11 +66,16 @@ def sigmoid_focal_loss(
   t = _f32(targets)
   alpha = _f32(alpha)
   gamma = _f32(gamma)
-  log_p = jax.nn.log_sigmoid(x)
-  log_not_p = jax.nn.log_sigmoid(-x)
-  ce = -(t * log_p + (1.0 - t) * log_not_p)
+  # -log p = softplus(-x) and -log(1 - p) = softplus(x) share log1p(exp(-|x|)): three transcendentals per
+  # element (exp, log1p, exp) instead of five, on [N, A, K] (~8 M elements at 512 x 512, batch 2), and sums
+  # of non-negative terms, so neither loses digits at large |x|. maximum/minimum (not relu/abs) split the
+  # gradient at x = 0 evenly, which gives d softplus(x)/dx = sigmoid(0) = 0.5 there.
+  shared = jnp.log1p(jnp.exp(jnp.minimum(x, -x)))
+  neg_log_p = jnp.maximum(-x, 0.0) + shared
+  neg_log_not_p = jnp.maximum(x, 0.0) + shared
+  ce = t * neg_log_p + (1.0 - t) * neg_log_not_p
   # (1 - p_t)**gamma as exp(gamma log(1 - p_t)): no 0**gamma, whose gradient is NaN for gamma < 1.
-  modulator = jnp.exp(gamma * (t * log_not_p + (1.0 - t) * log_p))
+  modulator = jnp.exp(-gamma * (t * neg_log_not_p + (1.0 - t) * neg_log_p))
   alpha_t = jnp.where(alpha >= 0, alpha * t + (1.0 - alpha) * (1.0 - t), 1.0)
   return alpha_t * modulator * ce
 
