@@ -26,5 +26,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  host_malloc.reexec_with_hugepage_malloc()  # before any work: glibc reads it at process start
+  host_malloc.reexec_with_host_malloc()  # before any work: the dynamic linker and glibc read it at process start
   app.run(main, flags_parser=cli.parse_flags)

@@ -183,5 +183,5 @@ def main() -> None:
 if __name__ == '__main__':
   from retinamask_jax import host_malloc
 
-  host_malloc.reexec_with_hugepage_malloc()  # as train.py runs: large XLA buffers on huge pages
+  host_malloc.reexec_with_host_malloc()  # as train.py runs: tcmalloc or huge pages for XLA's buffers
   main()

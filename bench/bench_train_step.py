@@ -1,7 +1,7 @@
 """Train-step time, compile time and peak memory of our R-50 models next to torchvision's, on the same machine.
 
   python bench/bench_train_step.py [--size 512x512] [--batches 1,2] [--modes retinanet,retinamask,retinamask@64]
-      [--steps 5] [--warmup 1] [--threads 2] [--compute_dtype float32] [--no-torch] [--quick]
+      [--steps 5] [--warmup 2] [--threads 2] [--compute_dtype float32] [--no-torch] [--quick]
       [--out bench/results/train_step.json]
 
 On a GPU (issue 5's images/s, float32 and bfloat16 at the authors' size), e.g.:
@@ -25,13 +25,18 @@ Both sides get the same images (512 x 512, no rescale or padding on either side)
 with ellipse masks: torchvision as full-image masks, ours as the pipeline's 112 x 112 box crops with the GT padded
 to `data.max_instances` = 100 rows.
 
-Per row: median step time over `--steps` steps after the first step and `--warmup` more (each step measured until
-its result is ready); ours also: `lower` + `compile` time of the step, XLA's FLOPs of the compiled step (a
+Per row: mean step time over `--steps` steps after the first step and `--warmup` more (each step measured until
+its result is ready; the median and every step's time are in the JSON, with the page faults and kernel time per step,
+bench/timing.py `timed_steps`); ours also: `lower` + `compile` time of the step, XLA's FLOPs of the compiled step (a
 multiply-add counts 2) and its temporary buffers, how many times `jit(train_step)` compiled (counted from
 `jax_log_compiles` records, and the jitted function's cache size): it must stay 1 after the first step. Peak RSS
 includes everything the process did, for ours the XLA compilation too. The FLOP floor is the step's FLOPs / this
 machine's float32 matmul rate (a 2048^3 `jnp.dot`, measured in the parent process), as in bench_inference.py.
 "Mask branch adds" = ours RetinaMask step / ours RetinaNet step - 1 at the same batch.
+
+Environment: the script re-executes itself as train.py does (retinamask_jax/host_malloc.py: tcmalloc preloaded where
+installed, else glibc's large blocks on huge pages) and every row's subprocess, torchvision's too, inherits it;
+`RETINAMASK_TCMALLOC=0` keeps glibc's malloc for all rows. The JSON records LD_PRELOAD and GLIBC_TUNABLES.
 
 Threads: `--threads N` (default 2) pins the parent, and so every row's subprocess, to N cores (XLA sizes its CPU
 thread pool from the affinity) and sets `torch.set_num_threads(N)` in the torchvision rows; XLA_FLAGS is inherited
@@ -53,14 +58,14 @@ BENCH = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, BENCH)
 import side_by_side as sbs  # noqa: E402
 from timing import (  # noqa: E402
-    import_torch,
-    limit_threads,
-    machine_info,
-    max_rss_mb,
-    median_ms,
-    start_side_by_side,
-    write_json,
-    xla_flops,
+  import_torch,
+  limit_threads,
+  machine_info,
+  max_rss_mb,
+  start_side_by_side,
+  timed_steps,
+  write_json,
+  xla_flops,
 )
 
 DEFAULT_OUT = os.path.join(BENCH, 'results', 'train_step.json')
@@ -124,16 +129,17 @@ def row_ours(spec: dict) -> dict:
 
   one_step()
   first_step_s = time.perf_counter() - t2
-  ms = median_ms(one_step, spec['steps'], spec['warmup'])
+  timing = timed_steps(one_step, spec['steps'], spec['warmup'])
   metrics = jax.device_get(metrics)
   flops = xla_flops(compiled)
   return dict(
-      lower_s=round(t1 - t0, 2), compile_s=round(t2 - t1, 2), first_step_s=round(first_step_s, 3), ms=ms,
+      lower_s=round(t1 - t0, 2), compile_s=round(t2 - t1, 2), first_step_s=round(first_step_s, 3),
+      ms=timing['mean_ms'],
       gflops=None if flops is None else flops / 1e9,
       xla_temp_mb=None if memory is None else memory.temp_size_in_bytes / 1e6,
       compilations=counter.count, cache_size=int(train_step._cache_size()),
       loss=float(metrics['loss']), nonfinite_steps=int(sum(nonfinite)),
-      trainable_params=int(sum(trainable)), rss_start_mb=rss_start, peak_rss_mb=max_rss_mb(),
+      trainable_params=int(sum(trainable)), rss_start_mb=rss_start, peak_rss_mb=max_rss_mb(), **timing,
   )
 
 
@@ -164,10 +170,11 @@ def row_torch(spec: dict) -> dict:
   t0 = time.perf_counter()
   one_step()
   first_step_s = time.perf_counter() - t0
-  ms = median_ms(one_step, spec['steps'], spec['warmup'])
+  timing = timed_steps(one_step, spec['steps'], spec['warmup'])
   return dict(
-      first_step_s=round(first_step_s, 3), ms=ms, loss=losses[-1], trainable_params=int(sum(p.numel() for p in params)),
-      torch_threads=torch.get_num_threads(), rss_start_mb=rss_start, peak_rss_mb=max_rss_mb(),
+      first_step_s=round(first_step_s, 3), ms=timing['mean_ms'], loss=losses[-1],
+      trainable_params=int(sum(p.numel() for p in params)),
+      torch_threads=torch.get_num_threads(), rss_start_mb=rss_start, peak_rss_mb=max_rss_mb(), **timing,
   )
 
 
@@ -188,8 +195,8 @@ def main() -> None:
   parser.add_argument('--modes', default='retinanet,retinamask,retinamask@64,retinamask@16',
                       help="retinanet, retinamask (all 100 + G mask proposals, the authors'), retinamask@K (at most K "
                            'per image, positives first: model.mask.max_proposals)')
-  parser.add_argument('--steps', type=int, default=5, help='timed steps per row (median)')
-  parser.add_argument('--warmup', type=int, default=1, help='untimed steps after the first one')
+  parser.add_argument('--steps', type=int, default=5, help='timed steps per row (mean)')
+  parser.add_argument('--warmup', type=int, default=2, help='untimed steps after the first one')
   parser.add_argument('--threads', type=int, default=2, help='cores for JAX (affinity) and torch (0 = all)')
   parser.add_argument('--matmul_n', type=int, default=2048, help='side of the matmul that measures the peak')
   parser.add_argument('--compute_dtype', default='float32', choices=('float32', 'bfloat16'),
@@ -229,8 +236,10 @@ def main() -> None:
           row[framework] = peer_rows[key]
         else:
           row[framework] = run_row(spec)
-        print(f'  {mode} batch {batch} {framework}: {row[framework]["ms"]:.0f} ms/step, '
-              f'peak RSS {row[framework]["peak_rss_mb"]:.0f} MB', flush=True)
+        r = row[framework]
+        print(f'  {mode} batch {batch} {framework}: {r["ms"]:.0f} ms/step, peak RSS {r["peak_rss_mb"]:.0f} MB, '
+              f'{r.get("minflt_per_step", float("nan")):.0f} page faults and '
+              f'{r.get("sys_s_per_step", float("nan")):.2f} s system time per step', flush=True)
       ours = row['ours']
       if ours['gflops'] is not None:
         ours['floor_ms'] = ours['gflops'] / peak['jax_gflops'] * 1e3
@@ -255,7 +264,8 @@ def main() -> None:
           cost['maskrcnn_over_retinanet'] = mask['torchvision']['ms'] / net['torchvision']['ms'] - 1
 
   fmt = lambda v, f: '-' if v is None else format(v, f)
-  print(f'\nTrain step at {args.size}, median of {args.steps} steps; {threads} cores')
+  print(f'\nTrain step at {args.size}, mean of {args.steps} steps; {threads} cores; LD_PRELOAD='
+        f'{os.environ.get("LD_PRELOAD", "")!r}')
   print('| mode | batch | ours (ms) | ours images/s | peer | peer (ms) | ours / peer | our compile (s) | compilations '
         '| GFLOPs (XLA) '
         '| floor (ms) | ours / floor | peak RSS ours / peer (MB) |')
@@ -291,5 +301,5 @@ def main() -> None:
 if __name__ == '__main__':
   from retinamask_jax import host_malloc
 
-  host_malloc.reexec_with_hugepage_malloc()  # as train.py runs: large XLA buffers on huge pages
+  host_malloc.reexec_with_host_malloc()  # as train.py runs: tcmalloc or huge pages for XLA's buffers
   main()

@@ -97,6 +97,7 @@ def machine_info(torch_module: Any = None) -> dict[str, Any]:
       jax_device=jax.devices()[0].device_kind,
       xla_flags=os.environ.get('XLA_FLAGS', ''),
       glibc_tunables=os.environ.get('GLIBC_TUNABLES', ''),  # retinamask_jax.host_malloc
+      ld_preload=os.environ.get('LD_PRELOAD', ''),  # tcmalloc, where host_malloc found it
       transparent_hugepages=host_malloc.thp_mode(),
       torch_version=None,
       torchvision_version=None,
@@ -141,6 +142,36 @@ def torch_matmul_gflops(torch_module: Any, n: int, runs: int, warmup: int) -> fl
   b = torch_module.randn(n, n, generator=g)
   ms = median_ms(lambda: torch_module.mm(a, b), runs, warmup)
   return 2.0 * n**3 / (ms * 1e-3) / 1e9
+
+
+def timed_steps(fn: Callable[[], Any], runs: int, warmup: int) -> dict[str, Any]:
+  """`fn()` timed `runs` times after `warmup` untimed calls (`fn` must block until its result is ready): each call's
+  wall time (`times_ms`), their mean and median, and, on Linux, the minor page faults and kernel CPU seconds per call
+  and this process's anonymous memory on transparent huge pages afterwards. The mean is the throughput figure: on a VM
+  whose host reclaims freed guest memory (free page reporting), a step that re-faults its buffers is slow every other
+  call, and a median of such a two-valued series is either value. The faults and kernel time say which buffers a
+  step got (retinamask_jax/host_malloc.py)."""
+  import resource
+
+  for _ in range(warmup):
+    fn()
+  before = resource.getrusage(resource.RUSAGE_SELF)
+  times = []
+  for _ in range(runs):
+    start = time.perf_counter()
+    fn()
+    times.append(1e3 * (time.perf_counter() - start))
+  after = resource.getrusage(resource.RUSAGE_SELF)
+  out: dict[str, Any] = dict(times_ms=[round(t, 1) for t in times], mean_ms=float(np.mean(times)),
+                             median_ms=float(np.median(times)),
+                             minflt_per_step=(after.ru_minflt - before.ru_minflt) / runs,
+                             sys_s_per_step=(after.ru_stime - before.ru_stime) / runs)
+  if os.path.exists('/proc/self/smaps_rollup'):
+    with open('/proc/self/smaps_rollup') as f:
+      for line in f:
+        if line.startswith('AnonHugePages:'):
+          out['anon_huge_mb'] = int(line.split()[1]) / 1024.0
+  return out
 
 
 def max_rss_mb() -> float:

@@ -538,6 +538,6 @@ if __name__ == '__main__':
 
   from retinamask_jax import cli, host_malloc
 
-  host_malloc.reexec_with_hugepage_malloc()  # as train.py: large XLA buffers on huge pages
+  host_malloc.reexec_with_host_malloc()  # as train.py: tcmalloc or huge pages for XLA's buffers
   _define_flags()
   app.run(main, flags_parser=cli.parse_flags)

@@ -1,5 +1,5 @@
-"""retinamask_jax.host_malloc: the GLIBC_TUNABLES it sets, the one re-execution of an entry point, and its effect on
-the page faults of an XLA:CPU call with a large temporary buffer."""
+"""retinamask_jax.host_malloc: the GLIBC_TUNABLES and LD_PRELOAD it sets, the one re-execution of an entry point, and
+the effect of each remedy on the page faults of an XLA:CPU call with a large temporary buffer."""
 
 from __future__ import annotations
 
@@ -29,19 +29,42 @@ def test_env_adds_the_tunable_and_keeps_the_rest():
     assert host_malloc.env_with_hugepage_malloc({'GLIBC_TUNABLES': value})['GLIBC_TUNABLES'] == value
 
 
+def test_env_preloads_tcmalloc_unless_an_allocator_is_preloaded():
+  lib = 'libtcmalloc_minimal.so.4'
+  out = host_malloc.env_with_host_malloc({'A': '1'}, lib)
+  assert out['LD_PRELOAD'] == lib and out['GLIBC_TUNABLES'] == host_malloc.TUNABLE and out['A'] == '1'
+  assert int(out['TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD']) >= 1 << 40  # no "large alloc" line at every step
+  # Other preloaded libraries stay, after tcmalloc (the first library that defines malloc provides it).
+  assert host_malloc.env_with_host_malloc({'LD_PRELOAD': '/x/libfoo.so'}, lib)['LD_PRELOAD'] == f'{lib}:/x/libfoo.so'
+  # A user's allocator, or tcmalloc already there, is kept as it is; so is the user's report threshold.
+  for preload in ('/usr/lib/libjemalloc.so.2', 'libfoo.so libmimalloc.so.2', lib):
+    assert host_malloc.env_with_host_malloc({'LD_PRELOAD': preload}, lib)['LD_PRELOAD'] == preload
+  assert host_malloc.preloaded_allocator({'LD_PRELOAD': 'libfoo.so /usr/lib/libjemalloc.so.2'}) == \
+      '/usr/lib/libjemalloc.so.2'
+  assert host_malloc.preloaded_allocator({'LD_PRELOAD': 'libfoo.so'}) is None
+  out = host_malloc.env_with_host_malloc({'TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD': '5'}, lib)
+  assert out['TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD'] == '5'
+  # No tcmalloc on the machine: only the tunable.
+  assert host_malloc.env_with_host_malloc({'A': '1'}, None) == host_malloc.env_with_hugepage_malloc({'A': '1'})
+
+
 _PRINT_SCRIPT = textwrap.dedent('''
     import json, os, sys
     sys.path.insert(0, {root!r})
     from retinamask_jax import host_malloc
-    print(json.dumps(dict(pid=os.getpid(), tunables=os.environ.get('GLIBC_TUNABLES'), argv=sys.argv[1:])), flush=True)
-    host_malloc.reexec_with_hugepage_malloc()
+    print(json.dumps(dict(pid=os.getpid(), tunables=os.environ.get('GLIBC_TUNABLES'),
+                          preload=os.environ.get('LD_PRELOAD'), argv=sys.argv[1:])), flush=True)
+    host_malloc.reexec_with_host_malloc()
 ''')
+
+_OURS = ('GLIBC_TUNABLES', 'LD_PRELOAD', 'TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD', host_malloc.OPT_OUT,
+         host_malloc.TCMALLOC_OPT_OUT)
 
 
 def _run_print_script(tmp_path, env_extra: dict[str, str]) -> list[dict]:
   script = tmp_path / 'print_env.py'
   script.write_text(_PRINT_SCRIPT.format(root=ROOT))
-  env = {k: v for k, v in os.environ.items() if k not in ('GLIBC_TUNABLES', host_malloc.OPT_OUT)}
+  env = {k: v for k, v in os.environ.items() if k not in _OURS}
   env.update(env_extra)
   out = subprocess.run([sys.executable, '-u', str(script), 'a b', '--flag=1'], env=env, capture_output=True,
                        text=True, check=True).stdout
@@ -53,8 +76,12 @@ def _run_print_script(tmp_path, env_extra: dict[str, str]) -> list[dict]:
 def test_reexec_happens_once_with_the_same_pid_and_arguments(tmp_path):
   first, second = _run_print_script(tmp_path, {})  # exactly two lines: one re-execution, no loop
   assert first['tunables'] is None and second['tunables'] == host_malloc.TUNABLE
+  assert first['preload'] is None and second['preload'] == host_malloc.find_tcmalloc()  # None where not installed
   assert first['pid'] == second['pid']
   assert first['argv'] == second['argv'] == ['a b', '--flag=1']
+  # RETINAMASK_TCMALLOC=0: glibc's malloc with the tunable.
+  _, second = _run_print_script(tmp_path, {host_malloc.TCMALLOC_OPT_OUT: '0'})
+  assert second['tunables'] == host_malloc.TUNABLE and second['preload'] is None
   # A value of the user's is extended, not replaced.
   _, second = _run_print_script(tmp_path, {'GLIBC_TUNABLES': 'glibc.malloc.arena_max=4'})
   assert second['tunables'] == 'glibc.malloc.arena_max=4:' + host_malloc.TUNABLE
@@ -62,7 +89,7 @@ def test_reexec_happens_once_with_the_same_pid_and_arguments(tmp_path):
 
 def test_reexec_can_be_turned_off(tmp_path):
   (only,) = _run_print_script(tmp_path, {host_malloc.OPT_OUT: '0'})
-  assert only['tunables'] is None
+  assert only['tunables'] is None and only['preload'] is None
 
 
 _FAULTS_SCRIPT = textwrap.dedent('''
@@ -87,19 +114,30 @@ def _glibc_at_least(major: int, minor: int) -> bool:
   return tuple(int(v) for v in version.split('.')[:2]) >= (major, minor)
 
 
+def _faults_per_call(tmp_path, env_extra: dict[str, str]) -> float:
+  """Minor page faults per call of _FAULTS_SCRIPT's function in a fresh process with only `env_extra` of ours set."""
+  script = tmp_path / 'faults.py'
+  script.write_text(_FAULTS_SCRIPT)
+  env = {k: v for k, v in os.environ.items() if k not in _OURS}
+  env.update(JAX_PLATFORMS='cpu', **env_extra)
+  out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, check=True).stdout
+  return json.loads(out.splitlines()[-1])
+
+
 @pytest.mark.skipif(host_malloc.thp_mode() != 'madvise' or not _glibc_at_least(2, 35),
                     reason='the tunable acts only with glibc >= 2.35 and the kernel THP mode "madvise"')
 def test_hugepage_malloc_cuts_the_page_faults_of_a_large_temporary(tmp_path):
-  script = tmp_path / 'faults.py'
-  script.write_text(_FAULTS_SCRIPT)
-  faults = {}
-  for name, tunables in (('default', None), ('hugetlb', host_malloc.TUNABLE)):
-    env = {k: v for k, v in os.environ.items() if k != 'GLIBC_TUNABLES'}
-    env['JAX_PLATFORMS'] = 'cpu'
-    if tunables:
-      env['GLIBC_TUNABLES'] = tunables
-    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, check=True).stdout
-    faults[name] = json.loads(out.splitlines()[-1])
+  default = _faults_per_call(tmp_path, {})
+  hugetlb = _faults_per_call(tmp_path, {'GLIBC_TUNABLES': host_malloc.TUNABLE})
   # 4 KiB pages: ~18,000 faults per call (the 72 MB temporary touched page by page); 2 MiB pages: a few hundred.
-  assert faults['default'] > 5000, faults
-  assert faults['hugetlb'] < faults['default'] / 4, faults
+  assert default > 5000, (default, hugetlb)
+  assert hugetlb < default / 4, (default, hugetlb)
+
+
+@pytest.mark.skipif(host_malloc.find_tcmalloc() is None, reason='tcmalloc is not installed (libtcmalloc-minimal4)')
+def test_tcmalloc_reuses_the_large_temporary(tmp_path):
+  default = _faults_per_call(tmp_path, {})
+  tcmalloc = _faults_per_call(tmp_path, host_malloc.env_with_host_malloc({}, host_malloc.find_tcmalloc()))
+  # tcmalloc keeps the freed buffer's pages for the next call: no faults at all once it has been touched.
+  assert default > 5000, (default, tcmalloc)
+  assert tcmalloc < default / 20, (default, tcmalloc)
