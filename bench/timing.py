@@ -124,14 +124,15 @@ def xla_flops(compiled: Any) -> float | None:
 
 def jax_matmul_gflops(n: int, runs: int, warmup: int) -> float:
   """This machine's float32 matmul rate under JAX in GFLOP/s: an [n, n] @ [n, n] `jnp.dot` counted as 2 n^3 FLOPs,
-  median time. The FLOP floor of a program is its XLA FLOPs divided by this rate."""
+  fastest of `runs` calls (a peak: one slow call on a shared VM would halve a median of a few). The FLOP floor of a
+  program is its XLA FLOPs divided by this rate."""
   import jax
   import jax.numpy as jnp
 
   a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
   b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
   dot = jax.jit(jnp.dot)
-  ms = median_ms(lambda: dot(a, b).block_until_ready(), runs, warmup)
+  ms = min(timed_steps(lambda: dot(a, b).block_until_ready(), runs, warmup)['times_ms'])
   return 2.0 * n**3 / (ms * 1e-3) / 1e9
 
 
@@ -140,7 +141,7 @@ def torch_matmul_gflops(torch_module: Any, n: int, runs: int, warmup: int) -> fl
   g = torch_module.Generator().manual_seed(0)
   a = torch_module.randn(n, n, generator=g)
   b = torch_module.randn(n, n, generator=g)
-  ms = median_ms(lambda: torch_module.mm(a, b), runs, warmup)
+  ms = min(timed_steps(lambda: torch_module.mm(a, b), runs, warmup)['times_ms'])
   return 2.0 * n**3 / (ms * 1e-3) / 1e9
 
 
