@@ -181,12 +181,15 @@ def test_checkpoint_restores_onto_another_mesh_with_identical_detections(data, d
   # slightly differently in a process with 8 devices than with 1 (measured: boxes differ by <= 1.5e-5 px, scores by
   # <= 2e-8). After 3 steps from scratch all scores are ~0.015 and candidates of one class can tie to rounding
   # (zero-padded canvas regions give equal logits), so NMS may keep the other of two tied boxes: measured 1 row of
-  # 400 (same class, same score, another box). So scores, classes and masks must agree everywhere, boxes on >= 98%
-  # of the rows.
+  # 400 (same class, same score, another box). The binary masks are mask probabilities thresholded at 0.5, so a pixel
+  # whose probability is within rounding of 0.5 can flip (measured once: 1 pixel of 1,536,000). So scores and classes
+  # must agree everywhere, mask pixels on all but 1e-4 of them, boxes on >= 98% of the rows; a wrong restore changes
+  # far more (different weights move every score).
   for i in range(len([k for k in before if k.endswith('/scores')])):
     np.testing.assert_allclose(after[f'{i}/scores'], before[f'{i}/scores'], rtol=1e-5, atol=1e-7)
     np.testing.assert_array_equal(after[f'{i}/classes'], before[f'{i}/classes'])
-    np.testing.assert_array_equal(after[f'{i}/masks'], before[f'{i}/masks'])
+    assert after[f'{i}/masks'].shape == before[f'{i}/masks'].shape
+    assert np.mean(after[f'{i}/masks'] != before[f'{i}/masks']) <= 1e-4, i
     close = np.all(np.isclose(after[f'{i}/boxes'], before[f'{i}/boxes'], rtol=1e-5, atol=1e-4), axis=1)
     assert close.mean() >= 0.98, (i, np.flatnonzero(~close))
 
