@@ -14,9 +14,10 @@ do not keep it) and unmaps it when it is freed, so every step touches the whole 
 
 Two remedies, in order of preference, chosen by `reexec_with_host_malloc`:
 1. gperftools' tcmalloc (`apt-get install libtcmalloc-minimal4` on Debian/Ubuntu), preloaded with `LD_PRELOAD` when
-   the dynamic linker can find it: it keeps freed pages in its page heap and hands them to the next step, so the
-   steady-state step takes no page faults at all (R-50 RetinaNet batch 2: 73 faults and 0.01 s of system time per
-   step; XLA's compilation is faster too). Its cost is resident memory: freed pages stay with the process.
+   the dynamic linker can find it: it keeps freed pages in its page heap and hands them to the next step, giving
+   them back to the kernel only gradually, so a steady-state step takes almost no page faults (R-50 RetinaNet batch
+   2: 73-931 faults and 0.01 s of system time per step; XLA's compilation is faster too). Its cost is resident
+   memory: freed pages stay with the process.
 2. glibc's tunable `glibc.malloc.hugetlb=1` (glibc >= 2.35; older ones ignore it): malloc marks its mmapped blocks
    for transparent huge pages, so the kernel maps them 2 MiB at a time: ~500x fewer faults and -16% on the R-50
    batch-1 train step on a machine without free page reporting. It acts where the kernel's THP mode is `madvise`

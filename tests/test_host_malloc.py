@@ -138,6 +138,8 @@ def test_hugepage_malloc_cuts_the_page_faults_of_a_large_temporary(tmp_path):
 def test_tcmalloc_reuses_the_large_temporary(tmp_path):
   default = _faults_per_call(tmp_path, {})
   tcmalloc = _faults_per_call(tmp_path, host_malloc.env_with_host_malloc({}, host_malloc.find_tcmalloc()))
-  # tcmalloc keeps the freed buffer's pages for the next call: no faults at all once it has been touched.
+  # tcmalloc keeps the freed buffer's pages for the next call. It does give free pages back to the kernel now and
+  # then (gradually, as it frees), so a call may re-fault the whole buffer: 0 of 10 calls alone, 1 of 10 (1,844
+  # faults per call on average) with the test suite's other worker busy.
   assert default > 5000, (default, tcmalloc)
-  assert tcmalloc < default / 20, (default, tcmalloc)
+  assert tcmalloc < default / 4, (default, tcmalloc)
