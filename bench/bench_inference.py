@@ -59,6 +59,7 @@ def bench_ours(mode: str, size_hw: tuple[int, int], args: argparse.Namespace) ->
 
   config = sbs.our_config(mode, size_hw, shrink=args.quick)
   config.postprocess.score_threshold = args.score_threshold
+  config.model.winograd = args.winograd
   with_masks = mode == 'retinamask'
   model, init = retinamask.build_model(config)
   variables = init(jax.random.key(0), size_hw)
@@ -74,10 +75,14 @@ def bench_ours(mode: str, size_hw: tuple[int, int], args: argparse.Namespace) ->
   run = lambda: jax.block_until_ready(predict(variables, images, image_size))
   dets = run()
   ms = median_ms(run, args.runs, args.warmup)
-  flops = xla_flops(compiled)
+  executed_flops = xla_flops(compiled)
+  # The floor counts the model's FLOPs (direct convs), not the fewer that Winograd's algorithm executes.
+  flops = sbs.direct_conv_flops(config, model, lambda m: jax.jit(step_lib.make_predict_fn(m, config, with_masks)).lower(
+      variables, images, image_size)) if model.winograd else executed_flops
   return dict(
       lower_s=round(t1 - t0, 2), compile_s=round(t2 - t1, 2), ms=ms,
       gflops=None if flops is None else flops / 1e9,
+      executed_gflops=None if executed_flops is None else executed_flops / 1e9, winograd=model.winograd,
       detections=int(np.asarray(dets['valid']).sum()),
       masks=int(dets['masks'].shape[1]) if with_masks else 0,
       nms_iou=float(config.postprocess.nms_iou),
@@ -132,6 +137,8 @@ def main() -> None:
   parser.add_argument('--threads', type=int, default=2, help='cores for JAX (affinity) and torch (0 = all)')
   parser.add_argument('--score_threshold', type=float, default=0.0, help='score threshold of both sides')
   parser.add_argument('--matmul_n', type=int, default=2048, help='side of the matmul that measures the peak')
+  parser.add_argument('--winograd', default='auto', choices=('auto', 'on', 'off'),
+                      help="our model.winograd: Winograd 3x3 convs in the FPN and heads ('auto': on CPU, float32)")
   parser.add_argument('--no-torch', dest='no_torch', action='store_true', help='skip torchvision')
   parser.add_argument('--quick', action='store_true', help='smoke test: 128x128, narrow ResNet-18, 2 runs')
   parser.add_argument('--out', default=None, help='JSON results file (default bench/results/inference.json, '
@@ -175,7 +182,7 @@ def main() -> None:
   result = dict(
       benchmark='inference latency, ours vs torchvision', machine=machine_info(torch), threads=threads,
       quick=args.quick, runs=args.runs, warmup=args.warmup, batch=1, score_threshold=args.score_threshold,
-      maskrcnn_candidates=CANDIDATES, matmul_peak=peak, rows=rows,
+      winograd=args.winograd, maskrcnn_candidates=CANDIDATES, matmul_peak=peak, rows=rows,
   )
   write_json(result, args.out)
 

@@ -104,6 +104,7 @@ def row_ours(spec: dict) -> dict:
   size_hw, n = tuple(spec['size_hw']), spec['batch']
   config = sbs.our_config(spec['mode'], size_hw, batch_size=n, shrink=spec['quick'])
   config.model.compute_dtype = spec['compute_dtype']
+  config.model.winograd = spec['winograd']
   model, init = retinamask.build_model(config)
   state = loop.create_train_state(config, model, init, jax.random.key(0))
   trainable = jax.tree.leaves(jax.tree.map(
@@ -119,6 +120,10 @@ def row_ours(spec: dict) -> dict:
   compiled = lowered.compile()  # fills train_step's cache: the first call below must not compile again
   t2 = time.perf_counter()
   memory = compiled.memory_analysis()
+  executed_flops = xla_flops(compiled)
+  # The floor counts the model's FLOPs (direct convs), not the fewer that Winograd's algorithm executes.
+  flops = sbs.direct_conv_flops(config, model, lambda m: jax.jit(step_lib.make_train_step(m, config)).lower(
+      state, batch, rng)) if model.winograd else executed_flops
   metrics, nonfinite = {}, []
 
   def one_step():
@@ -131,11 +136,11 @@ def row_ours(spec: dict) -> dict:
   first_step_s = time.perf_counter() - t2
   timing = timed_steps(one_step, spec['steps'], spec['warmup'])
   metrics = jax.device_get(metrics)
-  flops = xla_flops(compiled)
   return dict(
       lower_s=round(t1 - t0, 2), compile_s=round(t2 - t1, 2), first_step_s=round(first_step_s, 3),
       ms=timing['mean_ms'],
       gflops=None if flops is None else flops / 1e9,
+      executed_gflops=None if executed_flops is None else executed_flops / 1e9, winograd=model.winograd,
       xla_temp_mb=None if memory is None else memory.temp_size_in_bytes / 1e6,
       compilations=counter.count, cache_size=int(train_step._cache_size()),
       loss=float(metrics['loss']), nonfinite_steps=int(sum(nonfinite)),
@@ -201,6 +206,8 @@ def main() -> None:
   parser.add_argument('--matmul_n', type=int, default=2048, help='side of the matmul that measures the peak')
   parser.add_argument('--compute_dtype', default='float32', choices=('float32', 'bfloat16'),
                       help='our model.compute_dtype (params stay float32); torchvision always runs float32')
+  parser.add_argument('--winograd', default='auto', choices=('auto', 'on', 'off'),
+                      help="our model.winograd: Winograd 3x3 convs in the FPN and heads ('auto': on CPU, float32)")
   parser.add_argument('--no-torch', dest='no_torch', action='store_true', help='skip torchvision')
   parser.add_argument('--quick', action='store_true', help='smoke test: 128x128, batch 1, narrow ResNet-18, 2 steps')
   parser.add_argument('--out', default=None, help='JSON results file (default bench/results/train_step.json, '
@@ -228,7 +235,8 @@ def main() -> None:
       row = dict(mode=mode, batch=batch, size=f'{size_hw[0]}x{size_hw[1]}')
       for framework in frameworks:
         spec = dict(framework=framework, mode=mode, size_hw=size_hw, batch=batch, steps=args.steps,
-                    warmup=args.warmup, threads=threads, quick=args.quick, compute_dtype=args.compute_dtype)
+                    warmup=args.warmup, threads=threads, quick=args.quick, compute_dtype=args.compute_dtype,
+                    winograd=args.winograd)
         if framework == 'torchvision':  # one peer row serves every cap of the RetinaMask mode
           key = (sbs.split_mode(mode)[0], batch)
           if key not in peer_rows:
@@ -290,7 +298,7 @@ def main() -> None:
 
   result = dict(
       benchmark='train step, ours vs torchvision', machine=machine_info(torch), threads=threads, quick=args.quick,
-      size=args.size, steps=args.steps, warmup=args.warmup, compute_dtype=args.compute_dtype,
+      size=args.size, steps=args.steps, warmup=args.warmup, compute_dtype=args.compute_dtype, winograd=args.winograd,
       boxes_per_image=sbs.BOXES_PER_IMAGE, matmul_peak=peak,
       rows=rows, mask_branch_adds={str(k): v for k, v in mask_cost.items()},
       no_recompilation=not recompiled,

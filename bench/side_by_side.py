@@ -88,6 +88,19 @@ def our_config(mode: str, size_hw: tuple[int, int], batch_size: int = 1, shrink:
   return config
 
 
+def direct_conv_flops(config, model: Any, lower: Any) -> float | None:
+  """XLA's FLOPs of the program `lower(model)` returns (a `jax.stages.Lowered`) when `model` is rebuilt with
+  `model.winograd='off'`: the model's own FLOPs, all convs counted directly. A FLOP floor divides these by the
+  matmul peak; Winograd's algorithm executes fewer (`timing.xla_flops` of the compiled program)."""
+  from timing import xla_flops
+
+  from retinamask_jax.models import retinamask
+
+  direct = config.copy_and_resolve_references()
+  direct.model.winograd = 'off'
+  return xla_flops(lower(retinamask.module_from_config(direct)))
+
+
 def synthetic_images(n: int, size_hw: tuple[int, int], seed: int = 0) -> np.ndarray:
   """float32 [n, H, W, 3] in [0, 1): what both sides see (ours as is, torchvision as [3, H, W] tensors). Our
   models take normalized images and torchvision normalizes inside; at random weights the values only need to be

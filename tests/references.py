@@ -60,3 +60,37 @@ def decode(deltas, anchors, weights=(10.0, 10.0, 5.0, 5.0), max_log_ratio=MAX_LO
   cx, cy = dx * aw + acx, dy * ah + acy
   w, h = np.exp(dw) * aw, np.exp(dh) * ah
   return np.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], -1)
+
+
+def conv2d(x, kernel, stride=1, pad=0):
+  """y = conv(x, kernel) (NHWC / HWIO, one group, symmetric zero padding) in numpy float64 from the definition
+  y[n, y, x, o] = sum_{i, j, c} xpad[n, s*y + i, s*x + j, c] k[i, j, c, o]."""
+  x, kernel = np.asarray(x, np.float64), np.asarray(kernel, np.float64)
+  kh, kw, _, cout = kernel.shape
+  xp = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  ho, wo = (xp.shape[1] - kh) // stride + 1, (xp.shape[2] - kw) // stride + 1
+  y = np.zeros((x.shape[0], ho, wo, cout))
+  for i in range(kh):
+    for j in range(kw):
+      window = xp[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride]
+      y += np.einsum('nyxc,co->nyxo', window, kernel[i, j])
+  return y
+
+
+def conv_grads(x, kernel, g, stride, pad, groups):
+  """(dx, dkernel) of y = conv(x, kernel) (NHWC / HWIO, symmetric zero padding) for output cotangent g, in numpy
+  float64 from the definition y[n, y, x, o] = sum_{i, j, c} xpad[n, s*y + i, s*x + j, c] k[i, j, c, o]."""
+  x, kernel, g = (np.asarray(a, np.float64) for a in (x, kernel, g))
+  kh, kw, cin_g, cout = kernel.shape
+  n, ho, wo, _ = g.shape
+  xp = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  dxp, dk = np.zeros_like(xp), np.zeros_like(kernel)
+  cout_g = cout // groups
+  for i in range(kh):
+    for j in range(kw):
+      window = (slice(None), slice(i, i + stride * (ho - 1) + 1, stride), slice(j, j + stride * (wo - 1) + 1, stride))
+      for k in range(groups):
+        cs, os = slice(k * cin_g, (k + 1) * cin_g), slice(k * cout_g, (k + 1) * cout_g)
+        dk[i, j, :, os] = np.einsum('nyxc,nyxo->co', xp[window + (cs,)], g[..., os])
+        dxp[window + (cs,)] += np.einsum('nyxo,co->nyxc', g[..., os], kernel[i, j, :, os])
+  return dxp[:, pad:pad + x.shape[1], pad:pad + x.shape[2]], dk

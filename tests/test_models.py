@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import references
 from conftest import requires_torchvision
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -264,25 +265,6 @@ def test_conv1x1_as_matmul_identical(stride, size):
   assert 'convolution' in jax.jit(off.apply).lower(v, x).as_text()
 
 
-def _conv_grads_reference(x, kernel, g, stride, pad, groups):
-  """(dx, dkernel) of y = conv(x, kernel) (NHWC / HWIO, symmetric zero padding) for output cotangent g, in numpy
-  float64 from the definition y[n, y, x, o] = sum_{i, j, c} xpad[n, s*y + i, s*x + j, c] k[i, j, c, o]."""
-  x, kernel, g = (np.asarray(a, np.float64) for a in (x, kernel, g))
-  kh, kw, cin_g, cout = kernel.shape
-  n, ho, wo, _ = g.shape
-  xp = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-  dxp, dk = np.zeros_like(xp), np.zeros_like(kernel)
-  cout_g = cout // groups
-  for i in range(kh):
-    for j in range(kw):
-      window = (slice(None), slice(i, i + stride * (ho - 1) + 1, stride), slice(j, j + stride * (wo - 1) + 1, stride))
-      for k in range(groups):
-        cs, os = slice(k * cin_g, (k + 1) * cin_g), slice(k * cout_g, (k + 1) * cout_g)
-        dk[i, j, :, os] = np.einsum('nyxc,nyxo->co', xp[window + (cs,)], g[..., os])
-        dxp[window + (cs,)] += np.einsum('nyxo,co->nyxc', g[..., os], kernel[i, j, :, os])
-  return dxp[:, pad:pad + x.shape[1], pad:pad + x.shape[2]], dk
-
-
 @settings(max_examples=20, deadline=None)
 @given(
     k=st.sampled_from([1, 2, 3, 7]),
@@ -307,7 +289,7 @@ def test_conv_gradients_equal_the_float64_reference(k, stride, pad, groups, h, w
   g = rng.standard_normal(y.shape).astype(np.float32)
   grad_fn = jax.grad(lambda x_, k_: jnp.vdot(conv.apply({'params': {'kernel': k_}}, x_), g), argnums=(0, 1))
   dx, dk = jax.jit(grad_fn)(x, kernel)
-  ref_dx, ref_dk = _conv_grads_reference(x, kernel, g, stride, pad, groups)
+  ref_dx, ref_dk = references.conv_grads(x, kernel, g, stride, pad, groups)
   assert_close(dx, ref_dx, rtol=1e-4, atol=1e-4)
   assert_close(dk, ref_dk, rtol=1e-4, atol=1e-4)
 
@@ -321,7 +303,7 @@ def test_matmul_1x1_gradients_equal_the_float64_reference(stride, size):
   g = rng.standard_normal(conv.apply({'params': {'kernel': kernel}}, x).shape).astype(np.float32)
   grad_fn = jax.grad(lambda x_, k_: jnp.vdot(conv.apply({'params': {'kernel': k_}}, x_), g), argnums=(0, 1))
   dx, dk = jax.jit(grad_fn)(x, kernel)
-  ref_dx, ref_dk = _conv_grads_reference(x, kernel, g, stride, 0, 1)
+  ref_dx, ref_dk = references.conv_grads(x, kernel, g, stride, 0, 1)
   assert_close(dx, ref_dx, rtol=1e-5, atol=1e-5)
   assert_close(dk, ref_dk, rtol=1e-5, atol=1e-5)
 

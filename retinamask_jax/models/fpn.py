@@ -50,6 +50,7 @@ class FPN(nn.Module):
     build_p2: also build P2 (for the mask branch) even when min_level is 3.
     conv1x1_as_matmul: compute the lateral 1x1 convs as matmuls.
     conv_kernel_grad: 'xla', 'taps' or 'by_size', see `layers.Conv.kernel_grad`.
+    winograd: compute the 3x3 stride-1 convs by Winograd's algorithm where it pays, see `layers.Conv.winograd`.
     dtype: compute dtype; parameters are float32.
   """
 
@@ -61,6 +62,7 @@ class FPN(nn.Module):
   build_p2: bool = False
   conv1x1_as_matmul: bool = False
   conv_kernel_grad: str = 'xla'
+  winograd: bool = False
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -83,6 +85,7 @@ class FPN(nn.Module):
         use_bias=not with_gn,
         as_matmul=self.conv1x1_as_matmul,
         kernel_grad=self.conv_kernel_grad,
+        winograd=self.winograd,
         dtype=self.dtype,
         kernel_init=layers.kaiming_uniform_a1,
     )

@@ -36,6 +36,7 @@ class RetinaNetHead(nn.Module):
     norm: 'none' or 'group_norm' (GN inside the towers only; tower convs keep their bias, as the authors').
     prior_prob: initial foreground probability of every class (cls predictor bias -log((1 - p) / p)).
     conv_kernel_grad: 'xla', 'taps' or 'by_size', see `layers.Conv.kernel_grad`.
+    winograd: compute the 3x3 stride-1 convs by Winograd's algorithm where it pays, see `layers.Conv.winograd`.
     dtype: compute dtype; outputs are float32, parameters float32.
   """
 
@@ -46,6 +47,7 @@ class RetinaNetHead(nn.Module):
   norm: str = 'none'
   prior_prob: float = 0.01
   conv_kernel_grad: str = 'xla'
+  winograd: bool = False
   dtype: Dtype = jnp.float32
 
   def setup(self):
@@ -55,7 +57,8 @@ class RetinaNetHead(nn.Module):
 
     def conv(features, bias_init=_ZEROS):
       return layers.Conv(
-          features, (3, 3), padding=1, kernel_grad=self.conv_kernel_grad, dtype=self.dtype, kernel_init=conv_init,
+          features, (3, 3), padding=1, kernel_grad=self.conv_kernel_grad, winograd=self.winograd, dtype=self.dtype,
+          kernel_init=conv_init,
           bias_init=bias_init,
       )
 
@@ -111,6 +114,7 @@ class MaskHead(nn.Module):
     depth: number of 3x3 convs.
     conv1x1_as_matmul: compute the final 1x1 conv as a matmul.
     conv_kernel_grad: 'xla', 'taps' or 'by_size', see `layers.Conv.kernel_grad`.
+    winograd: compute the 3x3 stride-1 convs by Winograd's algorithm where it pays, see `layers.Conv.winograd`.
     dtype: compute dtype; logits are float32.
   """
 
@@ -119,6 +123,7 @@ class MaskHead(nn.Module):
   depth: int = 4
   conv1x1_as_matmul: bool = False
   conv_kernel_grad: str = 'xla'
+  winograd: bool = False
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -128,7 +133,8 @@ class MaskHead(nn.Module):
     x = roi_features.reshape(n * r, s1, s2, c)
     for i in range(1, self.depth + 1):
       conv = layers.Conv(
-          self.width, (3, 3), padding=1, kernel_grad=self.conv_kernel_grad, dtype=self.dtype, name=f'mask_fcn{i}'
+          self.width, (3, 3), padding=1, kernel_grad=self.conv_kernel_grad, winograd=self.winograd, dtype=self.dtype,
+          name=f'mask_fcn{i}',
       )
       x = nn.relu(conv(x))
     x = layers.ConvTransposeNonOverlapping(self.width, factor=2, dtype=self.dtype, name='conv5_mask')(x)

@@ -86,6 +86,8 @@ class RetinaMask(nn.Module):
     conv1x1_as_matmul: compute 1x1 convs as matmuls (same variables, same numbers).
     conv_kernel_grad: 'xla', 'taps' or 'by_size': how every other conv's kernel gradient is computed (same
       variables, the same sums in another order; see `layers.Conv.kernel_grad`).
+    winograd: compute the FPN's, the heads' and the mask head's 3x3 stride-1 convs by Winograd's algorithm where
+      it pays (same variables, the same function up to float32 rounding; see `layers.Conv.winograd`).
     dtype: compute dtype (float32 or bfloat16); parameters float32, head outputs float32.
   """
 
@@ -96,6 +98,7 @@ class RetinaMask(nn.Module):
   mask_config: MaskHeadConfig | None = MaskHeadConfig()
   conv1x1_as_matmul: bool = True
   conv_kernel_grad: str = 'xla'
+  winograd: bool = False
   dtype: Dtype = jnp.float32
 
   def setup(self):
@@ -121,6 +124,7 @@ class RetinaMask(nn.Module):
         build_p2=self.mask_config is not None and self.mask_config.min_level == 2,
         conv1x1_as_matmul=self.conv1x1_as_matmul,
         conv_kernel_grad=self.conv_kernel_grad,
+        winograd=self.winograd,
         dtype=self.dtype,
     )
     self.head = heads.RetinaNetHead(
@@ -131,6 +135,7 @@ class RetinaMask(nn.Module):
         norm=h.norm,
         prior_prob=h.prior_prob,
         conv_kernel_grad=self.conv_kernel_grad,
+        winograd=self.winograd,
         dtype=self.dtype,
     )
     if self.mask_config is not None:
@@ -140,6 +145,7 @@ class RetinaMask(nn.Module):
           depth=self.mask_config.depth,
           conv1x1_as_matmul=self.conv1x1_as_matmul,
           conv_kernel_grad=self.conv_kernel_grad,
+          winograd=self.winograd,
           dtype=self.dtype,
       )
 
@@ -186,6 +192,15 @@ def resolve_conv_kernel_grad(value: str) -> str:
   return value
 
 
+def resolve_winograd(value: str | bool, compute_dtype: str) -> bool:
+  """'auto' -> on for float32 on CPU (XLA's CPU convs run at matmul speed, so fewer multiplies is the lever;
+  bench/bench_winograd.py), off on GPU and TPU (cuDNN and the TPU compiler pick their own algorithms) and for
+  bfloat16 (the transforms' coefficients cost too much of its precision); 'on' / True, 'off' / False are kept."""
+  if value == 'auto':
+    return jax.default_backend() == 'cpu' and compute_dtype == 'float32'
+  return value in ('on', True)
+
+
 def module_from_config(config: ml_collections.ConfigDict) -> RetinaMask:
   """The `RetinaMask` module described by `config.model` (validated; see `build_model`)."""
   m = config.model
@@ -197,6 +212,10 @@ def module_from_config(config: ml_collections.ConfigDict) -> RetinaMask:
   _check(
       m.conv_kernel_grad in ('auto',) + layers.KERNEL_GRADS,
       f"model.conv_kernel_grad must be 'auto', 'xla', 'taps' or 'by_size', got {m.conv_kernel_grad!r}",
+  )
+  _check(
+      m.get('winograd', 'auto') in ('auto', 'on', 'off', True, False),
+      f"model.winograd must be 'auto', 'on' or 'off', got {m.get('winograd')!r}",
   )
   _check(m.compute_dtype in _DTYPES, f'model.compute_dtype must be one of {sorted(_DTYPES)}, got {m.compute_dtype!r}')
   b, f, h, a, mk = m.backbone, m.fpn, m.head, m.anchors, m.mask
@@ -254,6 +273,7 @@ def module_from_config(config: ml_collections.ConfigDict) -> RetinaMask:
       mask_config=mask_config,
       conv1x1_as_matmul=bool(m.conv1x1_as_matmul),
       conv_kernel_grad=resolve_conv_kernel_grad(m.conv_kernel_grad),
+      winograd=resolve_winograd(m.get('winograd', 'auto'), m.compute_dtype),
       dtype=_DTYPES[m.compute_dtype],
   )
 
