@@ -21,7 +21,7 @@ import numpy as np
 BENCH = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, BENCH)
 import side_by_side  # noqa: E402, F401 (puts the repository root on sys.path)
-from timing import import_torch, jax_matmul_gflops, limit_threads, machine_info, median_ms, write_json  # noqa: E402
+from timing import machine_info, median_ms, start_layer_bench, write_json  # noqa: E402
 
 DEFAULT_OUT = os.path.join(BENCH, 'results', 'winograd.json')
 # (name, N, H, W, Cin, Cout)
@@ -93,10 +93,7 @@ def main() -> None:
   parser.add_argument('--only', default='', help='run only layers whose name contains this')
   parser.add_argument('--out', default=DEFAULT_OUT)
   args = parser.parse_args()
-  threads = limit_threads(args.threads)
-  torch, _ = import_torch(threads, skip=args.no_torch)
-  peak = jax_matmul_gflops(2048, 10, 2)
-  print(f'float32 matmul 2048^3 on {threads} cores: jnp.dot {peak:.1f} GFLOP/s', flush=True)
+  threads, torch, peak = start_layer_bench(args.threads, args.no_torch)
   rows = [bench_layer(spec, args.runs, torch) for spec in LAYERS if args.only in spec[0]]
   fmt = lambda v: '-' if v is None else f'{v:.1f}'
   print(f'\n3x3 stride-1 conv, median ms of {args.runs}, {threads} cores; fwd / fwd + dx + dK; floor = direct '

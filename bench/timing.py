@@ -182,6 +182,16 @@ def max_rss_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def start_layer_bench(threads: int, skip_torch: bool) -> tuple[int, Any, float]:
+  """What a one-layer bench does first: pin `threads` cores, import torch (unless `skip_torch`), measure and print
+  JAX's float32 matmul rate on 2048^3. Returns (threads, torch or None, GFLOP/s)."""
+  threads = limit_threads(threads)
+  torch, _ = import_torch(threads, skip=skip_torch)
+  peak = jax_matmul_gflops(2048, 10, 2)
+  print(f'float32 matmul 2048^3 on {threads} cores: jnp.dot {peak:.1f} GFLOP/s', flush=True)
+  return threads, torch, peak
+
+
 def start_side_by_side(threads: int, skip_torch: bool, matmul_n: int) -> tuple[int, Any, Any, dict[str, Any]]:
   """What a side-by-side bench does first: pin `threads` cores, import torch (unless `skip_torch`; says when its
   rows are skipped), and measure both frameworks' float32 matmul rate on `matmul_n`^3 (the FLOP floor's peak).
