@@ -29,6 +29,7 @@ LAYERS = (
     ('head tower P3, 512x512, batch 1', 1, 64, 64, 256, 256),
     ('head tower P3, 512x512, batch 2', 2, 64, 64, 256, 256),
     ('head tower P4, 512x512, batch 1', 1, 32, 32, 256, 256),
+    ('head tower P4, 512x512, batch 2', 2, 32, 32, 256, 256),
     ('head tower P5, 512x512, batch 1', 1, 16, 16, 256, 256),
     ('head tower P5, 512x512, batch 2', 2, 16, 16, 256, 256),
     ('head tower P6, 512x512, batch 2', 2, 8, 8, 256, 256),

@@ -33,8 +33,8 @@ def get_config() -> ml_collections.ConfigDict:
   # 'by_size' (taps for large and grouped convs, xla for small ones), or 'auto' = by_size on CPU, xla on GPU/TPU.
   # The same variables and sums, in another order.
   c.model.conv_kernel_grad = 'auto'
-  # 3x3 stride-1 convs of the FPN, the heads and the mask head by Winograd's algorithm (F(4x4, 3x3) or F(2x2, 3x3),
-  # by size, where it pays): 'on', 'off', or 'auto' = on for float32 on CPU. Same variables; the same function up
+  # 3x3 stride-1 convs (backbone, FPN, heads, mask head) by Winograd's algorithm (F(4x4, 3x3) or F(2x2, 3x3), by
+  # size, where it pays): 'on', 'off', or 'auto' = on for float32 on CPU. Same variables; the same function up
   # to float32 rounding (~1e-5 of the largest output).
   c.model.winograd = 'auto'
 

@@ -35,9 +35,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.mask.head_width = 64
   c.model.mask.head_depth = 2
   c.model.mask.max_proposals = 32
-  # Winograd convs save ~4% of this small step (303 vs 315 ms at 256 x 384, bench/bench_step_breakdown.py) but add
-  # ~9 s of compile per canvas: over 1,500 steps and 3 canvases that is a loss.
-  c.model.winograd = 'off'
 
   # From scratch: normalize to zero mean, unit variance (RGB in [0, 1], ImageNet statistics).
   c.data.channel_order = 'rgb'

@@ -72,10 +72,13 @@ def test_transform_matrices_reproduce_polynomial_multiplication():
 @pytest.mark.parametrize('shape,tile', [
     ((1, 64, 64, 256, 256), 4),  # the head's P3 at 512 x 512: 256 tiles of 4 x 4
     ((1, 100, 152, 256, 256), 4),
+    ((2, 32, 32, 256, 256), 4),  # 128 tiles of 4 x 4
     ((1, 32, 32, 256, 256), 2),  # 64 tiles of 4 x 4 are too few; 256 of 2 x 2 are enough
-    ((2, 32, 32, 256, 256), 2),
-    ((1, 16, 16, 256, 256), 0),  # P5: 64 tiles of 2 x 2, direct
-    ((100, 14, 14, 256, 256), 2),  # mask head: 14 rounds up to 16 for m = 4 (1.31x the work), not for m = 2
+    ((2, 16, 16, 256, 256), 2),
+    ((1, 16, 16, 256, 256), 0),  # P5 at batch 1: 64 tiles of 2 x 2, direct
+    ((100, 14, 14, 256, 256), 4),  # mask head: 14 rounds up to 16 for m = 4 (1.31x the work), still pays
+    ((64, 7, 7, 64, 64), 4),  # 7 rounds up to 8 (1.31x)
+    ((64, 5, 5, 64, 64), 0),  # 5 rounds up to 8 for m = 4 (2.56x), to 6 for m = 2 (1.44x): direct
     ((4, 48, 48, 32, 32), 0),  # too narrow
     ((4, 48, 48, 64, 64), 4),
 ])
@@ -137,8 +140,8 @@ def test_model_winograd_option_resolves_and_is_checked():
 
 
 def test_model_with_winograd_gives_the_detections_of_the_direct_model():
-  """model.winograd='on' reaches the FPN and head convs (64 wide here, 2 x 256 x 256 images: F(2, 3) on P3) with
-  the same variables as 'off', and the same head outputs up to float32 rounding."""
+  """model.winograd='on' reaches the 3x3 convs (the FPN and head ones, 64 wide here, 2 x 256 x 256 images:
+  F(4, 3) on P3) with the same variables as 'off', and the same head outputs up to float32 rounding."""
   from configs import base
 
   configs = {}

@@ -149,6 +149,7 @@ class ResNet(nn.Module):
     freeze_at: 0 = train everything; 1 = freeze the stem; k >= 2 = freeze the stem and res2..res{k}.
     conv1x1_as_matmul: compute 1x1 convs as matmuls (same parameters, same numbers).
     conv_kernel_grad: 'xla', 'taps' or 'by_size', see `layers.Conv.kernel_grad`.
+    winograd: compute the 3x3 stride-1 convs by Winograd's algorithm where it pays, see `layers.Conv.winograd`.
     dtype: compute dtype; parameters are float32.
   """
 
@@ -162,6 +163,7 @@ class ResNet(nn.Module):
   freeze_at: int = 2
   conv1x1_as_matmul: bool = False
   conv_kernel_grad: str = 'xla'
+  winograd: bool = False
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -176,7 +178,7 @@ class ResNet(nn.Module):
       raise ValueError(f'stage_sizes must list 4 stages (res2..res5), got {self.stage_sizes}')
     conv = functools.partial(
         layers.Conv, use_bias=self.norm == 'none', as_matmul=self.conv1x1_as_matmul,
-        kernel_grad=self.conv_kernel_grad, dtype=self.dtype,
+        kernel_grad=self.conv_kernel_grad, winograd=self.winograd, dtype=self.dtype,
     )
     norm = layers.make_norm(self.norm, self.dtype)
     x = Stem(self.base_width, conv=conv, norm=norm, name='stem')(x)

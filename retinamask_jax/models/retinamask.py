@@ -86,8 +86,8 @@ class RetinaMask(nn.Module):
     conv1x1_as_matmul: compute 1x1 convs as matmuls (same variables, same numbers).
     conv_kernel_grad: 'xla', 'taps' or 'by_size': how every other conv's kernel gradient is computed (same
       variables, the same sums in another order; see `layers.Conv.kernel_grad`).
-    winograd: compute the FPN's, the heads' and the mask head's 3x3 stride-1 convs by Winograd's algorithm where
-      it pays (same variables, the same function up to float32 rounding; see `layers.Conv.winograd`).
+    winograd: compute the 3x3 stride-1 convs (backbone, FPN, heads, mask head) by Winograd's algorithm where it
+      pays (same variables, the same function up to float32 rounding; see `layers.Conv.winograd`).
     dtype: compute dtype (float32 or bfloat16); parameters float32, head outputs float32.
   """
 
@@ -113,6 +113,7 @@ class RetinaMask(nn.Module):
         freeze_at=b.freeze_at,
         conv1x1_as_matmul=self.conv1x1_as_matmul,
         conv_kernel_grad=self.conv_kernel_grad,
+        winograd=self.winograd,
         dtype=self.dtype,
     )
     self.fpn = fpn_lib.FPN(

@@ -43,10 +43,10 @@ TRANSFORMS: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {
 TILES = tuple(TRANSFORMS)
 # When a tile size pays on CPU (bench/bench_winograd.py): its matmuls ([rows, Cin] @ [Cin, Cout] per transform
 # point, rows = N * tiles) need at least MIN_ROWS rows, or the small matmuls and the transforms cost more than the
-# direct conv saves; m = 4 also loses to m = 2 where rounding H, W up to whole tiles adds more than MAX_WASTE of
-# work (14 x 14 mask-head RoIs: 16 x 16 computed, 1.31x).
-MIN_ROWS = 256
-MAX_WASTE = 1.15
+# direct conv saves; and rounding H, W up to whole tiles may add at most MAX_WASTE of work (14 x 14 mask-head RoIs
+# computed as 16 x 16, 1.31x, still gain from m = 4; a 5 x 5 map as 8 x 8 would not).
+MIN_ROWS = 128
+MAX_WASTE = 1.35
 # Narrower convs are memory-bound: the transforms cost what the matmuls save.
 MIN_CHANNELS = 64
 
@@ -67,6 +67,13 @@ def _tiles(h: int, w: int, m: int) -> tuple[int, int]:
   return -(-h // m), -(-w // m)
 
 
+def _combine(mat: np.ndarray, parts: list[jax.Array], axis: int) -> jax.Array:
+  """Stack of sum_i mat[r, i] * parts[i] over the rows r of `mat`, on a new axis `axis`. Each part holds the
+  whole of the other transform axis, so one call does a full 1-D stage: ~(m + 2) x 4 elementwise ops on large
+  arrays instead of (m + 2)^2 x 4 on small ones (the HLO, and so the compile time, shrinks ~5x)."""
+  return jnp.stack([_lincomb(row, parts) for row in mat], axis)
+
+
 def input_transform(x: jax.Array, m: int) -> jax.Array:
   """x [N, H, W, C] -> V [(m + 2)^2, N * th * tw, C] = B^T d B for every (m + 2)^2 tile d of x padded by 1 (and on
   the bottom / right up to whole tiles), th, tw = ceil(H / m), ceil(W / m)."""
@@ -75,9 +82,8 @@ def input_transform(x: jax.Array, m: int) -> jax.Array:
   n, h, w, c = x.shape
   th, tw = _tiles(h, w, m)
   xp = jnp.pad(x, ((0, 0), (1, m * th + 1 - h), (1, m * tw + 1 - w), (0, 0)))
-  # Separable: rows first ([N, th, W + 2, C] per row point), then columns.
-  rows = [_lincomb(bt[a], [xp[:, i:i + m * th:m] for i in range(al)]) for a in range(al)]
-  v = jnp.stack([_lincomb(bt[b], [r[:, :, j:j + m * tw:m] for j in range(al)]) for r in rows for b in range(al)])
+  rows = _combine(bt, [xp[:, i:i + m * th:m] for i in range(al)], 0)  # [a, N, th, W + 2, C]
+  v = _combine(bt, [rows[:, :, :, j:j + m * tw:m] for j in range(al)], 1)  # [a, b, N, th, tw, C]
   return v.reshape(al * al, n * th * tw, c)
 
 
@@ -85,18 +91,18 @@ def kernel_transform(k: jax.Array, m: int) -> jax.Array:
   """k [3, 3, Cin, Cout] -> U [(m + 2)^2, Cin, Cout] = G k G^T per channel pair (sums of the 9 taps: as a dot
   with a 3-long contraction XLA's CPU backend takes ms for what is a few MFLOP)."""
   g = TRANSFORMS[m][1]
-  al = m + 2
-  rows = [[_lincomb(g[a], [k[i, j] for i in range(3)]) for j in range(3)] for a in range(al)]
-  return jnp.stack([_lincomb(g[b], rows[a]) for a in range(al) for b in range(al)])
+  rows = _combine(g, [k[i] for i in range(3)], 0)  # [a, 3, Cin, Cout]
+  u = _combine(g, [rows[:, j] for j in range(3)], 1)  # [a, b, Cin, Cout]
+  return u.reshape(-1, *k.shape[2:])
 
 
 def kernel_transform_transpose(du: jax.Array, m: int) -> jax.Array:
   """du [(m + 2)^2, Cin, Cout] -> [3, 3, Cin, Cout]: dk[i, j] = sum_{a, b} G[a, i] G[b, j] du[a, b]."""
   g = TRANSFORMS[m][1]
   al = m + 2
-  du = [[du[a * al + b] for b in range(al)] for a in range(al)]
-  cols = [[_lincomb(g[:, i], [du[a][b] for a in range(al)]) for b in range(al)] for i in range(3)]
-  return jnp.stack([jnp.stack([_lincomb(g[:, j], cols[i]) for j in range(3)]) for i in range(3)])
+  du = du.reshape(al, al, *du.shape[1:])
+  rows = _combine(g.T, [du[a] for a in range(al)], 0)  # [i, b, Cin, Cout]
+  return _combine(g.T, [rows[:, b] for b in range(al)], 1)  # [i, j, Cin, Cout]
 
 
 def output_transform(mm: jax.Array, m: int, n: int, h: int, w: int) -> jax.Array:
@@ -105,9 +111,10 @@ def output_transform(mm: jax.Array, m: int, n: int, h: int, w: int) -> jax.Array
   al = m + 2
   th, tw = _tiles(h, w, m)
   mm = mm.reshape(al, al, n, th, tw, -1)
-  cols = [[_lincomb(at[u], [mm[a, b] for a in range(al)]) for b in range(al)] for u in range(m)]
-  y = jnp.stack([jnp.stack([_lincomb(at[v], cols[u]) for v in range(m)], 3) for u in range(m)], 2)
-  return y.reshape(n, m * th, m * tw, -1)[:, :h, :w]  # [N, th, m, tw, m, C] -> pixels
+  rows = _combine(at, [mm[a] for a in range(al)], 0)  # [u, b, N, th, tw, C]
+  y = _combine(at, [rows[:, b] for b in range(al)], 4)  # [u, N, th, tw, v, C]
+  y = jnp.transpose(y, (1, 2, 0, 3, 4, 5))  # [N, th, u, tw, v, C]: output pixel (m * ty + u, m * tx + v)
+  return y.reshape(n, m * th, m * tw, -1)[:, :h, :w]
 
 
 def output_transform_transpose(g: jax.Array, m: int) -> jax.Array:
@@ -118,8 +125,8 @@ def output_transform_transpose(g: jax.Array, m: int) -> jax.Array:
   n, h, w, c = g.shape
   th, tw = _tiles(h, w, m)
   gp = jnp.pad(g, ((0, 0), (0, m * th - h), (0, m * tw - w), (0, 0)))
-  rows = [_lincomb(at[:, a], [gp[:, u::m] for u in range(m)]) for a in range(al)]  # [N, th, m * tw, C]
-  dm = jnp.stack([_lincomb(at[:, b], [r[:, :, v::m] for v in range(m)]) for r in rows for b in range(al)])
+  rows = _combine(at.T, [gp[:, u::m] for u in range(m)], 0)  # [a, N, th, m * tw, C]
+  dm = _combine(at.T, [rows[:, :, :, v::m] for v in range(m)], 1)  # [a, b, N, th, tw, C]
   return dm.reshape(al * al, n * th * tw, c)
 
 
