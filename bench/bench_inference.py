@@ -77,7 +77,7 @@ def bench_ours(mode: str, size_hw: tuple[int, int], args: argparse.Namespace) ->
   ms = median_ms(run, args.runs, args.warmup)
   executed_flops = xla_flops(compiled)
   # The floor counts the model's FLOPs (direct convs), not the fewer that Winograd's algorithm executes.
-  flops = sbs.direct_conv_flops(config, model, lambda m: jax.jit(step_lib.make_predict_fn(m, config, with_masks)).lower(
+  flops = sbs.direct_conv_flops(config, lambda m: jax.jit(step_lib.make_predict_fn(m, config, with_masks)).lower(
       variables, images, image_size)) if model.winograd else executed_flops
   return dict(
       lower_s=round(t1 - t0, 2), compile_s=round(t2 - t1, 2), ms=ms,
@@ -138,7 +138,7 @@ def main() -> None:
   parser.add_argument('--score_threshold', type=float, default=0.0, help='score threshold of both sides')
   parser.add_argument('--matmul_n', type=int, default=2048, help='side of the matmul that measures the peak')
   parser.add_argument('--winograd', default='auto', choices=('auto', 'on', 'off'),
-                      help="our model.winograd: Winograd 3x3 convs in the FPN and heads ('auto': on CPU, float32)")
+                      help="our model.winograd: 3x3 stride-1 convs by Winograd's algorithm ('auto': on CPU, float32)")
   parser.add_argument('--no-torch', dest='no_torch', action='store_true', help='skip torchvision')
   parser.add_argument('--quick', action='store_true', help='smoke test: 128x128, narrow ResNet-18, 2 runs')
   parser.add_argument('--out', default=None, help='JSON results file (default bench/results/inference.json, '

@@ -122,7 +122,7 @@ def row_ours(spec: dict) -> dict:
   memory = compiled.memory_analysis()
   executed_flops = xla_flops(compiled)
   # The floor counts the model's FLOPs (direct convs), not the fewer that Winograd's algorithm executes.
-  flops = sbs.direct_conv_flops(config, model, lambda m: jax.jit(step_lib.make_train_step(m, config)).lower(
+  flops = sbs.direct_conv_flops(config, lambda m: jax.jit(step_lib.make_train_step(m, config)).lower(
       state, batch, rng)) if model.winograd else executed_flops
   metrics, nonfinite = {}, []
 
@@ -207,7 +207,7 @@ def main() -> None:
   parser.add_argument('--compute_dtype', default='float32', choices=('float32', 'bfloat16'),
                       help='our model.compute_dtype (params stay float32); torchvision always runs float32')
   parser.add_argument('--winograd', default='auto', choices=('auto', 'on', 'off'),
-                      help="our model.winograd: Winograd 3x3 convs in the FPN and heads ('auto': on CPU, float32)")
+                      help="our model.winograd: 3x3 stride-1 convs by Winograd's algorithm ('auto': on CPU, float32)")
   parser.add_argument('--no-torch', dest='no_torch', action='store_true', help='skip torchvision')
   parser.add_argument('--quick', action='store_true', help='smoke test: 128x128, batch 1, narrow ResNet-18, 2 steps')
   parser.add_argument('--out', default=None, help='JSON results file (default bench/results/train_step.json, '

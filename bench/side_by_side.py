@@ -88,9 +88,9 @@ def our_config(mode: str, size_hw: tuple[int, int], batch_size: int = 1, shrink:
   return config
 
 
-def direct_conv_flops(config, model: Any, lower: Any) -> float | None:
-  """XLA's FLOPs of the program `lower(model)` returns (a `jax.stages.Lowered`) when `model` is rebuilt with
-  `model.winograd='off'`: the model's own FLOPs, all convs counted directly. A FLOP floor divides these by the
+def direct_conv_flops(config, lower: Any) -> float | None:
+  """XLA's FLOPs of the program `lower(model)` returns (a `jax.stages.Lowered`) for the model of `config` rebuilt
+  with `model.winograd='off'`: the model's own FLOPs, all convs counted directly. A FLOP floor divides these by the
   matmul peak; Winograd's algorithm executes fewer (`timing.xla_flops` of the compiled program)."""
   from timing import xla_flops
 

@@ -58,8 +58,7 @@ class RetinaNetHead(nn.Module):
     def conv(features, bias_init=_ZEROS):
       return layers.Conv(
           features, (3, 3), padding=1, kernel_grad=self.conv_kernel_grad, winograd=self.winograd, dtype=self.dtype,
-          kernel_init=conv_init,
-          bias_init=bias_init,
+          kernel_init=conv_init, bias_init=bias_init,
       )
 
     norm = layers.make_norm(self.norm, self.dtype)

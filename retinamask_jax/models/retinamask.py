@@ -214,9 +214,9 @@ def module_from_config(config: ml_collections.ConfigDict) -> RetinaMask:
       m.conv_kernel_grad in ('auto',) + layers.KERNEL_GRADS,
       f"model.conv_kernel_grad must be 'auto', 'xla', 'taps' or 'by_size', got {m.conv_kernel_grad!r}",
   )
+  winograd = m.get('winograd', 'auto')  # configs exported before the key existed mean the default
   _check(
-      m.get('winograd', 'auto') in ('auto', 'on', 'off', True, False),
-      f"model.winograd must be 'auto', 'on' or 'off', got {m.get('winograd')!r}",
+      winograd in ('auto', 'on', 'off', True, False), f"model.winograd must be 'auto', 'on' or 'off', got {winograd!r}"
   )
   _check(m.compute_dtype in _DTYPES, f'model.compute_dtype must be one of {sorted(_DTYPES)}, got {m.compute_dtype!r}')
   b, f, h, a, mk = m.backbone, m.fpn, m.head, m.anchors, m.mask
@@ -274,7 +274,7 @@ def module_from_config(config: ml_collections.ConfigDict) -> RetinaMask:
       mask_config=mask_config,
       conv1x1_as_matmul=bool(m.conv1x1_as_matmul),
       conv_kernel_grad=resolve_conv_kernel_grad(m.conv_kernel_grad),
-      winograd=resolve_winograd(m.get('winograd', 'auto'), m.compute_dtype),
+      winograd=resolve_winograd(winograd, m.compute_dtype),
       dtype=_DTYPES[m.compute_dtype],
   )
 
