@@ -120,8 +120,10 @@ def _fail(message: str) -> None:
 
 def _print_metrics(metrics: dict[str, float]) -> None:
   for kind in ('bbox', 'segm'):
-    row = [f'{name} {100 * metrics[f"{kind}/{name}"]:.1f}' for name in ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl')
-           if f'{kind}/{name}' in metrics]
+    # None (or an old record's -1): COCOeval had no objects of that size to score.
+    values = {name: metrics[f'{kind}/{name}'] for name in ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl')
+              if f'{kind}/{name}' in metrics}
+    row = [f'{name} -' if v is None or v < 0 else f'{name} {100 * v:.1f}' for name, v in values.items()]
     if row:
       print(f'{"box " if kind == "bbox" else "mask"} {"  ".join(row)}', flush=True)
 

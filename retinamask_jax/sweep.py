@@ -229,7 +229,8 @@ def _row(run: Run, metrics: dict[str, float], **extra: Any) -> dict[str, Any]:
   row = {'name': run.name, 'overrides': run.overrides, 'seed': run.seed}
   if run.label:
     row['label'] = run.label
-  row.update({k: float(v) for k, v in metrics.items() if k.startswith(('bbox/', 'segm/'))})
+  # Every COCO figure, the per-category `bbox/AP-<name>` ones included; None = nothing to score (no such objects).
+  row.update({k: None if v is None else float(v) for k, v in metrics.items() if k.startswith(('bbox/', 'segm/'))})
   row.update(extra)
   return row
 
@@ -450,7 +451,8 @@ def run_sweep(
 
 def _cell(values: list[float]) -> str:
   """AP in percent, mean and, over several seeds, the sample standard deviation."""
-  values = [100.0 * v for v in values if v >= 0]  # COCOeval's -1 = no objects in that size range
+  # None (or COCOeval's -1 in rows of older runs) = no objects in that size range
+  values = [100.0 * v for v in values if v is not None and v >= 0]
   if not values:
     return '-'
   if len(values) == 1:

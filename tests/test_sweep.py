@@ -76,6 +76,13 @@ def test_markdown_table_hand_worked():
   assert lines[3] == '| off | 25.0 | 40.0 | 10.0 | 0.0 | 30.0 | - | 1 | 5 |'
 
 
+
+def test_rows_keep_per_category_ap_and_none_for_no_objects():
+  run = sweep.Run(name='r', overrides={'a.t': 0.5}, seed=0, config=None, label='')
+  row = sweep._row(run, {'bbox/AP': 0.3, 'bbox/APl': None, 'bbox/AP-bar': 0.125, 'eval_seconds': 2.0})
+  assert row['bbox/AP-bar'] == 0.125 and row['bbox/APl'] is None and 'eval_seconds' not in row
+  assert sweep._cell([None, None]) == '-' and sweep._cell([0.3, None, 0.32]) == '31.0 ± 1.4'
+
 def _sweep_config():
   c = tiny.get_config()
   c.train.num_steps = 10
