@@ -27,7 +27,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.class_names = ()
   # 'float32' or 'bfloat16': dtype of convolutions and heads; params stay float32, losses are float32.
   c.model.compute_dtype = 'float32'
-  # Compute 1x1 convolutions as matmuls: numerically the same, much faster weight gradients on CPU.
+  # Compute 1x1 convolutions as matmuls in CPU programs: numerically the same, much faster weight gradients on CPU
+  # (GPU / TPU programs keep XLA's convolution; decided per lowering platform, see models/layers.py Conv).
   c.model.conv1x1_as_matmul = True
   # Kernel gradient of the other convs: 'taps' (one matmul per kernel tap), 'xla' (XLA's weight-gradient conv),
   # 'by_size' (taps for large and grouped convs, xla for small ones), or 'auto' = by_size on CPU, xla on GPU/TPU.
@@ -133,6 +134,16 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.max_size = 1333  # longer side cap
   c.data.test_min_size = 800
   c.data.test_max_size = 1333
+  # How images are resized: 'pil' (the authors' rule: short side to the size, long side capped, sizes rounded as
+  # their code does; PIL bilinear on uint8, antialiased when shrinking) or 'torchvision' (torchvision's
+  # GeneralizedRCNNTransform: its scale arithmetic, floor sizes, float bilinear on the normalized image, no
+  # antialiasing; for converted torchvision models, see configs/torchvision_retinanet_r50.py).
+  c.data.resize = 'pil'
+  # Canvases are multiples of this per side (a multiple of 32, the backbone's C5 stride): training and the largest
+  # test canvas per orientation round the sizes up to it, and Detector.predict (and evaluation with
+  # eval.bucket_canvases) pads each image to its own sides rounded up to it. 32 is torchvision's padding; more
+  # distinct canvases mean more compiled programs.
+  c.data.canvas_multiple = 128
   c.data.hflip_prob = 0.5
   # Normalization: x = (pixel * pixel_range / 255 - mean) / std, channels in channel_order.
   c.data.channel_order = 'bgr'
@@ -181,6 +192,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.every_steps = 0  # 0 = only at the end of training
   c.eval.batch_size = 8
+  # False: one canvas per orientation (the largest; fewest compiled programs). True: each image on its own
+  # bucketed canvas (data.canvas_multiple per side), as Detector.predict places it: results then equal predict's
+  # and, with data.canvas_multiple = 32, torchvision's one-image batches; one program per canvas met.
+  c.eval.bucket_canvases = False
   c.eval.max_images = 0  # 0 = all
   c.eval.num_prediction_images = 8  # validation images drawn with detections into <workdir>/predictions at the end
 

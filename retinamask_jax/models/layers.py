@@ -138,6 +138,16 @@ def _matmul_1x1_bwd(precision, residuals, g):
 matmul_1x1.defvjp(_matmul_1x1_fwd, _matmul_1x1_bwd)
 
 
+def _enabled(option: bool | str, on_cpu: bool, name: str) -> bool:
+  """A CPU-algorithm option in a CPU program (`on_cpu`) or any other: True / 'on' and False / 'off' force,
+  'auto' means CPU programs only."""
+  if option == 'auto':
+    return on_cpu
+  if option in (True, 'on', False, 'off'):
+    return option in (True, 'on')
+  raise ValueError(f"{name} must be 'auto', 'on' or 'off' (or a bool), got {option!r}")
+
+
 class Conv(nn.Module):
   """2-D convolution with PyTorch-style symmetric padding; a drop-in for `nn.Conv` parameter-wise.
 
@@ -153,15 +163,25 @@ class Conv(nn.Module):
     use_bias: add a bias.
     as_matmul: compute an unpadded, ungrouped 1x1 conv as `x[:, ::sh, ::sw] @ kernel[0, 0]`. Numerically the
       same as the convolution; on CPU the weight gradient of a matmul is much faster than that of a conv.
+      False / 'off', True / 'on', or 'auto' (in CPU programs only; see "Per platform" below).
     kernel_grad: how the kernel gradient of a (non-matmul) conv is computed: 'xla' (XLA's weight-gradient
       convolution), 'taps' (`kernel_grad_by_taps`, one matmul per kernel tap: the same sums, faster on CPU for
-      large convs) or 'by_size' (taps for grouped convs and from `TAPS_MIN_FLOPS` of work up, else xla; decided
-      at trace time from the static shapes).
+      large convs), 'by_size' (taps for grouped convs and from `TAPS_MIN_FLOPS` of work up, else xla; decided
+      at trace time from the static shapes) or 'auto' ('by_size' in CPU programs, 'xla' elsewhere).
     winograd: compute a float32 3x3 conv with stride 1, padding 1 and one group by Winograd's algorithm
       (`winograd.conv3x3`, 2.25-4x fewer multiplies, its own gradients) with the tile size that pays for its
       shapes (`winograd.tile_for`; the direct conv where none does). The same function up to float32 rounding
-      (~1e-5 of the largest output).
+      (~1e-5 of the largest output). False / 'off', True / 'on', or 'auto' (in CPU programs only).
     dtype: compute dtype (inputs and kernel are cast to it); param_dtype: parameter dtype.
+
+  Per platform: the three options above are CPU algorithms (XLA's CPU convolutions run below matmul speed where
+  they help; cuDNN and the TPU compiler pick their own algorithms for XLA's convolution). 'auto' decides per
+  *lowering* platform, not per host: the layer emits `jax.lax.platform_dependent(cpu=<CPU algorithm>,
+  default=<XLA's convolution>)`, so a program jitted on a CPU host runs the CPU algorithm, while the same model
+  lowered or exported for 'cuda' / 'tpu' (even on a CPU host, even together with 'cpu' in one `jax.export`
+  artifact) holds one `stablehlo.convolution` there. Only the branch of the platform being lowered reaches the
+  compiler, and where both platforms would compute the same thing no branch is emitted at all. 'on' / 'off'
+  force a choice on every platform.
   """
 
   features: int
@@ -170,9 +190,9 @@ class Conv(nn.Module):
   padding: int | Sequence[int] = 0
   feature_group_count: int = 1
   use_bias: bool = True
-  as_matmul: bool = False
+  as_matmul: bool | str = False
   kernel_grad: str = 'xla'
-  winograd: bool = False
+  winograd: bool | str = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   kernel_init: Initializer = kaiming_normal_fan_out
@@ -193,24 +213,54 @@ class Conv(nn.Module):
     )
     x = x.astype(self.dtype)
     kernel = kernel.astype(self.dtype)
-    if self.as_matmul and (kh, kw, ph, pw, self.feature_group_count) == (1, 1, 0, 0, 1):
-      # Output pixel i of an unpadded 1x1 conv with stride s reads input pixel s * i.
-      y = matmul_1x1(x[:, ::sh, ::sw, :], kernel[0, 0], self.precision)
-    elif m := self._winograd_tile(x.shape, (kh, kw, sh, sw, ph, pw)):
-      y = winograd_lib.conv3x3(x, kernel, m)
-    elif self.kernel_grad == 'taps' or (self.kernel_grad == 'by_size' and self._taps_pay(x.shape, (kh, kw))):
-      y = conv_with_tap_grad(x, kernel, (sh, sw), ((ph, ph), (pw, pw)), self.feature_group_count, self.precision)
-    elif self.kernel_grad in KERNEL_GRADS:
-      y = _conv(x, kernel, (sh, sw), ((ph, ph), (pw, pw)), self.feature_group_count, self.precision)
+    cpu_plan, other_plan = self.plan(x.shape, on_cpu=True), self.plan(x.shape, on_cpu=False)
+    if cpu_plan == other_plan:
+      y = self._compute(cpu_plan, x, kernel)
     else:
-      raise ValueError(f"kernel_grad must be one of {KERNEL_GRADS}, got {self.kernel_grad!r}")
+      # Resolved when the program is lowered for its platform(s): a CPU-only jit compiles only `cpu_plan`.
+      y = jax.lax.platform_dependent(
+          x, kernel, cpu=functools.partial(self._compute, cpu_plan),
+          default=functools.partial(self._compute, other_plan),
+      )
     if self.use_bias:
       bias = self.param('bias', self.bias_init, (self.features,), self.param_dtype)
       y = y + bias.astype(self.dtype)
     return y
 
-  def _winograd_tile(self, x_shape: Sequence[int], geometry: tuple[int, ...]) -> int:
-    if not self.winograd or geometry != (3, 3, 1, 1, 1, 1) or self.feature_group_count != 1:
+  def plan(self, x_shape: Sequence[int], on_cpu: bool) -> tuple[str, int]:
+    """The algorithm this layer computes for an input of `x_shape` in a CPU program (`on_cpu`) or any other:
+    ('matmul', 0), ('winograd', m), ('taps', 0) or ('xla', 0). Static: from the options and shapes only."""
+    kh, kw = _pair(self.kernel_size)
+    (sh, sw), (ph, pw) = _pair(self.strides), _pair(self.padding)
+    if self.kernel_grad not in KERNEL_GRADS + ('auto',):
+      raise ValueError(f"kernel_grad must be one of {KERNEL_GRADS + ('auto',)}, got {self.kernel_grad!r}")
+    if _enabled(self.as_matmul, on_cpu, 'as_matmul') and (kh, kw, ph, pw, self.feature_group_count) == (
+        1, 1, 0, 0, 1):
+      return ('matmul', 0)
+    if m := self._winograd_tile(x_shape, (kh, kw, sh, sw, ph, pw), on_cpu):
+      return ('winograd', m)
+    kernel_grad = ('by_size' if on_cpu else 'xla') if self.kernel_grad == 'auto' else self.kernel_grad
+    if kernel_grad == 'taps' or (kernel_grad == 'by_size' and self._taps_pay(x_shape, (kh, kw))):
+      return ('taps', 0)
+    return ('xla', 0)
+
+  def _compute(self, plan: tuple[str, int], x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """x [N, H, W, Cin], kernel [kh, kw, Cin / groups, features] (both `dtype`) -> the conv output by `plan`."""
+    (sh, sw), (ph, pw) = _pair(self.strides), _pair(self.padding)
+    algorithm, m = plan
+    if algorithm == 'matmul':
+      # Output pixel i of an unpadded 1x1 conv with stride s reads input pixel s * i.
+      return matmul_1x1(x[:, ::sh, ::sw, :], kernel[0, 0], self.precision)
+    if algorithm == 'winograd':
+      return winograd_lib.conv3x3(x, kernel, m)
+    if algorithm == 'taps':
+      return conv_with_tap_grad(x, kernel, (sh, sw), ((ph, ph), (pw, pw)), self.feature_group_count, self.precision)
+    return _conv(x, kernel, (sh, sw), ((ph, ph), (pw, pw)), self.feature_group_count, self.precision)
+
+  def _winograd_tile(self, x_shape: Sequence[int], geometry: tuple[int, ...], on_cpu: bool) -> int:
+    if not _enabled(self.winograd, on_cpu, 'winograd') or geometry != (3, 3, 1, 1, 1, 1):
+      return 0
+    if self.feature_group_count != 1:
       return 0
     if jnp.dtype(self.dtype) != jnp.float32 or self.precision is not None:
       return 0  # bfloat16 loses too much in the transforms; an explicit precision asks for XLA's conv

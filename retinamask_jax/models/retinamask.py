@@ -83,11 +83,13 @@ class RetinaMask(nn.Module):
     num_classes: K > 0.
     backbone_config, fpn_config, head_config: structure of the three detection parts.
     mask_config: structure of the mask branch; None = no mask head (a pure RetinaNet).
-    conv1x1_as_matmul: compute 1x1 convs as matmuls (same variables, same numbers).
-    conv_kernel_grad: 'xla', 'taps' or 'by_size': how every other conv's kernel gradient is computed (same
+    conv1x1_as_matmul: compute 1x1 convs as matmuls (same variables, same numbers): True, False, or 'auto' (in
+      CPU programs only; see `layers.Conv`, "Per platform").
+    conv_kernel_grad: 'xla', 'taps', 'by_size' or 'auto': how every other conv's kernel gradient is computed (same
       variables, the same sums in another order; see `layers.Conv.kernel_grad`).
     winograd: compute the 3x3 stride-1 convs (backbone, FPN, heads, mask head) by Winograd's algorithm where it
-      pays (same variables, the same function up to float32 rounding; see `layers.Conv.winograd`).
+      pays (same variables, the same function up to float32 rounding; see `layers.Conv.winograd`): True, False,
+      or 'auto' (in CPU programs only).
     dtype: compute dtype (float32 or bfloat16); parameters float32, head outputs float32.
   """
 
@@ -96,9 +98,9 @@ class RetinaMask(nn.Module):
   fpn_config: FPNConfig = FPNConfig()
   head_config: HeadConfig = HeadConfig()
   mask_config: MaskHeadConfig | None = MaskHeadConfig()
-  conv1x1_as_matmul: bool = True
+  conv1x1_as_matmul: bool | str = True
   conv_kernel_grad: str = 'xla'
-  winograd: bool = False
+  winograd: bool | str = False
   dtype: Dtype = jnp.float32
 
   def setup(self):
@@ -184,21 +186,24 @@ def _check(condition: bool, message: str) -> None:
     raise ValueError(message)
 
 
-def resolve_conv_kernel_grad(value: str) -> str:
-  """'auto' -> 'by_size' on CPU (taps where XLA's CPU weight-gradient convolution runs far below matmul speed:
-  large and grouped convs), 'xla' on GPU and TPU (cuDNN / the TPU compiler do better than per-tap matmuls);
-  'xla', 'taps' and 'by_size' are kept."""
+def resolve_conv_kernel_grad(value: str, platform: str | None = None) -> str:
+  """What `model.conv_kernel_grad` computes in a program for `platform` (default: the one JAX runs on): 'auto' ->
+  'by_size' for 'cpu' (taps where XLA's CPU weight-gradient convolution runs far below matmul speed: large and
+  grouped convs), 'xla' for GPU and TPU (cuDNN / the TPU compiler do better than per-tap matmuls); 'xla', 'taps'
+  and 'by_size' are kept. The model itself keeps 'auto' and decides per lowering platform (`layers.Conv`)."""
   if value == 'auto':
-    return 'by_size' if jax.default_backend() == 'cpu' else 'xla'
+    return 'by_size' if (platform or jax.default_backend()) == 'cpu' else 'xla'
   return value
 
 
-def resolve_winograd(value: str | bool, compute_dtype: str) -> bool:
-  """'auto' -> on for float32 on CPU (XLA's CPU convs run at matmul speed, so fewer multiplies is the lever;
+def resolve_winograd(value: str | bool, compute_dtype: str, platform: str | None = None) -> bool:
+  """Whether `model.winograd` computes Winograd convs in a program for `platform` (default: the one JAX runs on):
+  'auto' -> on for float32 on CPU (XLA's CPU convs run at matmul speed, so fewer multiplies is the lever;
   bench/bench_winograd.py), off on GPU and TPU (cuDNN and the TPU compiler pick their own algorithms) and for
-  bfloat16 (the transforms' coefficients cost too much of its precision); 'on' / True, 'off' / False are kept."""
+  bfloat16 (the transforms' coefficients cost too much of its precision); 'on' / True, 'off' / False are kept.
+  The model itself keeps 'auto' and decides per lowering platform (`layers.Conv`)."""
   if value == 'auto':
-    return jax.default_backend() == 'cpu' and compute_dtype == 'float32'
+    return (platform or jax.default_backend()) == 'cpu' and compute_dtype == 'float32'
   return value in ('on', True)
 
 
@@ -272,9 +277,12 @@ def module_from_config(config: ml_collections.ConfigDict) -> RetinaMask:
           num_anchors=num_anchors, width=h.width, depth=h.depth, norm=h.norm, prior_prob=float(h.prior_prob)
       ),
       mask_config=mask_config,
-      conv1x1_as_matmul=bool(m.conv1x1_as_matmul),
-      conv_kernel_grad=resolve_conv_kernel_grad(m.conv_kernel_grad),
-      winograd=resolve_winograd(winograd, m.compute_dtype),
+      # The CPU algorithms stay 'auto' inside the model: each conv picks per lowering platform (layers.Conv), so a
+      # model built on a CPU host still gives GPU / TPU programs XLA's convolutions. conv1x1_as_matmul=True is
+      # CPU-motivated (faster weight gradients), so it means 'auto' too.
+      conv1x1_as_matmul='auto' if m.conv1x1_as_matmul else False,
+      conv_kernel_grad=m.conv_kernel_grad,
+      winograd={'on': True, 'off': False}.get(winograd, winograd),
       dtype=_DTYPES[m.compute_dtype],
   )
 
