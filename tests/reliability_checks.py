@@ -119,9 +119,8 @@ def write_bad_dataset(root: str) -> dict[str, Any]:
     a = ann(image_id, bbox, iscrowd=1)
     expect[('crowd_dropped', a['id'])] = f'annotation {a["id"]}'
 
-  # Image files: grayscale, CMYK and 16-bit files are converted without complaint; a truncated JPEG is loaded as
-  # far as it goes (reported); a missing file and a file that is not an image are replaced in training and left
-  # out of evaluation (reported).
+  # Image files: grayscale, CMYK and 16-bit files are converted without complaint; a truncated JPEG, a missing
+  # file and a file that is not an image are replaced in training and left out of evaluation (reported).
   image_id = ids['gray'] = 30
   save('gray.png', _picture(h, w, 30), mode='L')
   image_id = ids['cmyk'] = 31
@@ -135,7 +134,6 @@ def write_bad_dataset(root: str) -> dict[str, Any]:
   with open(truncated, 'wb') as f:
     f.write(buf.getvalue()[: len(buf.getvalue()) * 2 // 3])
   ids['truncated'] = 33
-  expect[('truncated_image', repr(truncated))] = 'truncated.jpg'
   with open(os.path.join(images_dir, 'not_an_image.jpg'), 'w') as f:
     f.write('this is a text file, not a JPEG\n')
   ids['not_an_image'] = 34
@@ -145,7 +143,7 @@ def write_bad_dataset(root: str) -> dict[str, Any]:
     add_image(name, h, w, image_id)
     ann(image_id, [10.0, 10.0, 24.0, 20.0])
     ann(image_id, [50.0, 40.0, 30.0, 26.0], category_id=2)
-  for name in ('not_an_image.jpg', 'missing.jpg'):
+  for name in ('truncated.jpg', 'not_an_image.jpg', 'missing.jpg'):
     expect[('unreadable_image', repr(os.path.join(images_dir, name)))] = name
 
   train_json = os.path.join(root, 'train.json')

@@ -297,8 +297,8 @@ def test_bad_data_trains_and_evaluates_reporting_each_problem_once(tmp_path, mon
   lines = rc.train_lines(str(tmp_path / 'run'))
   assert [r['step'] for r in lines] == list(range(1, 7)) and all(np.isfinite(r['loss']) for r in lines)
   ids = bad['ids']
-  assert {ids[k] for k in ('gray', 'cmyk', 'sixteen', 'truncated', 'crowded', 'crowd_only', 'annotated')} <= seen_ids
-  assert not {ids['missing'], ids['not_an_image']} & seen_ids
+  assert {ids[k] for k in ('gray', 'cmyk', 'sixteen', 'crowded', 'crowd_only', 'annotated')} <= seen_ids
+  assert not {ids['truncated'], ids['missing'], ids['not_an_image']} & seen_ids
 
   reports = [r.getMessage() for r in caplog.records if r.getMessage().startswith('[data: ')]
   for (kind, _key), fragment in bad['expect'].items():
@@ -311,7 +311,7 @@ def test_bad_data_trains_and_evaluates_reporting_each_problem_once(tmp_path, mon
   summary = [line for line in capsys.readouterr().out.splitlines() if line.startswith('data problems')]
   assert len(summary) == 1
   for part in ('degenerate_box=3', 'bad_polygon=1', 'no_valid_polygon=1', 'unknown_category=1', 'crowd_dropped=2',
-               'gt_truncated=1', 'truncated_image=1', 'unreadable_image=2'):
+               'gt_truncated=1', 'unreadable_image=3'):
     assert part in summary[0], (part, summary[0])
   assert any(r.getMessage() == summary[0] for r in caplog.records)  # logged too
 
@@ -328,8 +328,8 @@ def test_problems_found_in_worker_processes_are_reported_once_in_the_main_proces
     assert not [k for k in batch if k.startswith('_')]
   it.close()
   unreadable = [r.getMessage() for r in caplog.records if r.getMessage().startswith('[data: unreadable_image]')]
-  assert len(unreadable) == 2 and len(set(unreadable)) == 2, unreadable
-  assert pipeline.data_problem_counts()['unreadable_image'] == before + 2
+  assert len(unreadable) == 3 and len(set(unreadable)) == 3, unreadable
+  assert pipeline.data_problem_counts()['unreadable_image'] == before + 3
 
 
 # ------------------------------------------------------------------------------------------ bad configs

@@ -149,7 +149,8 @@ def load_record_image(record: ImageRecord) -> np.ndarray:
       source = record.image_ref.read()
     except Exception as e:  # noqa: BLE001  (whatever the storage raises, this image is unusable)
       raise T.DataError(f'{record.file_name}: cannot read the image ({e})') from e
-  image = T.load_image(source, name=record.file_name)
+  # Upright (EXIF orientation applied, as detectron2 reads images) unless the JSON's size is the stored grid's.
+  image = T.load_image(source, name=record.file_name, grid_hw=(record.height, record.width))
   if image.shape[:2] != (record.height, record.width):
     # Annotations are in the JSON's pixel grid: bring the file to it rather than guess which one is
     # wrong.

@@ -19,11 +19,11 @@ import io
 import math
 import threading
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from absl import logging
-from PIL import Image, ImageFile
+from PIL import Image, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 
 
@@ -94,28 +94,89 @@ def report_counts() -> dict[str, int]:
 
 # ----------------------------------------------------------------------------------------- decoding
 
-# PIL's switch for truncated files is a module global; the lock keeps two threads of this process
-# from restoring it under each other. (Another thread's decode that happens while it is set is also
-# lenient.)
-_TRUNCATED_LOCK = threading.Lock()
+# Images with more pixels than this (width x height, read from the file's header) are refused before anything is
+# decoded: a PNG of a few MB can declare 40000 x 40000 pixels (4.8 GB as RGB). 2^28 = 16384 x 16384 keeps a 200 MP
+# phone photo and a 12000 x 9000 one. For the files read here it replaces PIL's own check (`Image.MAX_IMAGE_PIXELS`:
+# a warning above 89 M pixels, an error above 179 M); set it higher for larger trusted images.
+MAX_IMAGE_PIXELS = 1 << 28
+
+# With a `max_side` hint, a JPEG is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, PIL's `draft`) only
+# while its long side stays at least this many times max_side, so the antialiased resize that follows still
+# shrinks by 2x or more (PIL's `Image.thumbnail` keeps the same reducing gap). Smaller images decode exactly.
+DRAFT_REDUCING_GAP = 2.0
+
+_ORIENTATION_TAG = 0x0112
+# EXIF orientation value -> the transposition of the stored pixels that gives the upright image (the one viewers
+# show), as `PIL.ImageOps.exif_transpose` does it.
+_UPRIGHT = {
+  2: Image.Transpose.FLIP_LEFT_RIGHT,
+  3: Image.Transpose.ROTATE_180,
+  4: Image.Transpose.FLIP_TOP_BOTTOM,
+  5: Image.Transpose.TRANSPOSE,
+  6: Image.Transpose.ROTATE_270,  # turn 90 degrees clockwise: the usual portrait phone photo
+  7: Image.Transpose.TRANSVERSE,
+  8: Image.Transpose.ROTATE_90,
+}
+
+# PIL's switches (Image.MAX_IMAGE_PIXELS) are module globals; the lock keeps two threads of this process from
+# restoring one under each other. (Another thread's Image.open that happens while it is off skips PIL's check.)
+_PIL_SWITCH_LOCK = threading.Lock()
 
 
-def _decode(source: str | bytes, name: str, allow_truncated: bool) -> Image.Image:
+class DecodedImage(NamedTuple):
+  """An image file decoded by `decode_image`."""
+
+  image: np.ndarray  # uint8 [h, w, 3] RGB
+  full_hw: tuple[int, int]  # (H, W) of the same image at full resolution: image.shape[:2] unless reduced on decode
+
+
+def _open(source: str | bytes, name: str) -> Image.Image:
+  """Opens the file (PIL reads the header only) and refuses it by name when it has more than MAX_IMAGE_PIXELS."""
   fp = io.BytesIO(source) if isinstance(source, bytes) else source
-  with Image.open(fp) as img:
-    # Open is lazy; load() decodes now so that errors surface here. No EXIF transpose on purpose:
-    # COCO annotations are in the raw pixel grid of the stored file.
-    if allow_truncated:
-      with _TRUNCATED_LOCK:
-        previous = ImageFile.LOAD_TRUNCATED_IMAGES
-        ImageFile.LOAD_TRUNCATED_IMAGES = True
-        try:
-          img.load()
-        finally:
-          ImageFile.LOAD_TRUNCATED_IMAGES = previous
-    else:
-      img.load()
-    return img.copy()
+  with _PIL_SWITCH_LOCK:
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # PIL's check warns from 89 M pixels; ours below is the one that applies
+    try:
+      img = Image.open(fp)
+    finally:
+      Image.MAX_IMAGE_PIXELS = previous
+  w, h = img.size
+  if w * h > MAX_IMAGE_PIXELS:
+    img.close()
+    raise DataError(
+      f'{name}: {w} x {h} = {w * h / 1e6:.0f} M pixels, over the limit of {MAX_IMAGE_PIXELS / 1e6:.0f} M '
+      '(retinamask_jax.data.transforms.MAX_IMAGE_PIXELS); refused without decoding it (a decompression bomb?)'
+    )
+  return img
+
+
+def draft_scale(width: int, height: int, max_side: int | None) -> int:
+  """The JPEG reduction (1, 2, 4 or 8) `decode_image` asks for: the largest that keeps the long side >=
+  DRAFT_REDUCING_GAP * max_side (1 without a hint)."""
+  if max_side is None:
+    return 1
+  for s in (8, 4, 2):
+    if max(width, height) / s >= DRAFT_REDUCING_GAP * max_side and min(width, height) >= s:
+      return s
+  return 1
+
+
+def _orientation(img: Image.Image) -> int:
+  try:
+    value = int(img.getexif().get(_ORIENTATION_TAG, 1))
+  except Exception:  # noqa: BLE001  (a damaged EXIF block only loses the orientation)
+    return 1
+  return value if value in _UPRIGHT else 1
+
+
+def _failure(e: BaseException) -> str:
+  if isinstance(e, UnidentifiedImageError):
+    return 'not an image (no format PIL reads)'
+  # Pillow reports truncation as OSError('image file is truncated ...'), a broken data stream or a premature end.
+  msg = str(e).lower()
+  if isinstance(e, OSError) and any(s in msg for s in ('truncated', 'broken data stream', 'premature')):
+    return f'truncated image file ({e})'
+  return f'cannot decode image ({type(e).__name__}: {e})'
 
 
 def _to_rgb_uint8(img: Image.Image) -> np.ndarray:
@@ -131,39 +192,89 @@ def _to_rgb_uint8(img: Image.Image) -> np.ndarray:
   if mode in ('RGBA', 'LA', 'PA') or (mode == 'P' and 'transparency' in img.info):
     # Alpha is dropped (the colour channels are kept as stored), not composited on a background.
     img = img.convert('RGBA')
-  return np.asarray(img.convert('RGB'), dtype=np.uint8)
+  if img.mode != 'RGB':
+    img = img.convert('RGB')  # (an RGB image is not copied first: a large photo is big enough once)
+  return np.asarray(img, dtype=np.uint8)
 
 
-def load_image(source: str | bytes, *, name: str | None = None) -> np.ndarray:
-  """Decodes an image file (a path, or the file's bytes) to uint8 `[H, W, 3]` RGB.
+def decode_image(
+  source: str | bytes,
+  *,
+  name: str | None = None,
+  max_side: int | None = None,
+  grid_hw: tuple[int, int] | None = None,
+) -> DecodedImage:
+  """Decodes an image file (a path, or the file's bytes) to uint8 `[h, w, 3]` RGB, refusing what cannot be used.
 
-  Grayscale, palette, CMYK, RGBA (alpha dropped) and 16-bit files are converted. A truncated file is
-  loaded if PIL can (the missing part is grey) and reported once. The EXIF orientation tag is
-  ignored: COCO annotations are in the stored pixel grid. Raises `DataError` naming the file when it
-  is missing or not a decodable image.
+  Refused with `DataError` naming the file (nothing is half-loaded): a missing file, a file that is not an image,
+  a truncated or damaged one, and one with more than `MAX_IMAGE_PIXELS` pixels (checked in the header, before any
+  pixel is decoded). Grayscale, palette, CMYK, RGBA / LA (alpha dropped) and 16-bit files are converted.
+
+  Args:
+    source: a path or the file's bytes.
+    name: how messages name the file (default: the path).
+    max_side: the longest side the caller will resize the image to. A JPEG at least 2 x DRAFT_REDUCING_GAP times
+      larger is decoded at 1/2, 1/4 or 1/8 scale (`draft_scale`); then `image` is smaller than `full_hw`. None
+      (the default): exact, full-resolution decoding (what training and evaluation use).
+    grid_hw: the (height, width) the caller's annotations give the image. The EXIF orientation is applied (the
+      upright image, as viewers show it) except when grid_hw is the stored size and not the upright one (a
+      quarter-turn tag on a non-square image whose annotations are in the stored pixel grid): then the stored
+      grid is kept and that is reported once. None: always upright.
+  Returns:
+    `DecodedImage(image, full_hw)`: image uint8 `[h, w, 3]`, full_hw the (H, W) of the same (upright) image at
+    full resolution.
   """
   name = name or (source if isinstance(source, str) else '<bytes>')
   try:
-    img = _decode(source, name, allow_truncated=False)
+    img = _open(source, name)
+  except DataError:
+    raise
   except FileNotFoundError as e:
     raise DataError(f'{name}: image file not found') from e
-  except OSError as e:
-    # Pillow reports truncation as OSError('image file is truncated ...') or a premature end of the
-    # stream.
-    msg = str(e).lower()
-    if 'truncated' not in msg and 'broken data stream' not in msg and 'premature' not in msg:
-      raise DataError(f'{name}: cannot decode image ({e})') from e
-    try:
-      img = _decode(source, name, allow_truncated=True)
-    except Exception as e2:  # noqa: BLE001  (whatever PIL raises, the file is unusable)
-      raise DataError(f'{name}: truncated image that cannot be decoded ({e2})') from e2
-    report_once('truncated_image', name, '%s: truncated image file, loaded the readable part', name)
   except Exception as e:  # noqa: BLE001  (PIL raises several types for non-images)
-    raise DataError(f'{name}: cannot decode image ({type(e).__name__}: {e})') from e
-  try:
-    return _to_rgb_uint8(img)
-  except Exception as e:  # noqa: BLE001
-    raise DataError(f'{name}: cannot convert image mode {img.mode!r} to RGB ({e})') from e
+    raise DataError(f'{name}: {_failure(e)}') from e
+  with img:
+    full_w, full_h = img.size
+    try:
+      scale = draft_scale(full_w, full_h, max_side)
+      if scale > 1 and img.format == 'JPEG':
+        img.draft(None, (max(1, full_w // scale), max(1, full_h // scale)))
+      img.load()  # open is lazy: decode now so that errors surface here
+    except Exception as e:  # noqa: BLE001  (whatever the decoder raises, the file is unusable)
+      raise DataError(f'{name}: {_failure(e)}') from e
+    orientation = _orientation(img)
+    full_hw = (full_h, full_w)
+    if orientation != 1:
+      turned = (full_w, full_h) if orientation >= 5 else full_hw
+      if grid_hw is not None and tuple(grid_hw) == full_hw != turned:
+        report_once(
+          'exif_orientation_ignored',
+          name,
+          '%s: EXIF orientation %d, but the annotations give the stored size %dx%d: kept the stored pixel grid',
+          name,
+          orientation,
+          full_h,
+          full_w,
+        )
+      else:
+        # On the PIL image: its blocked transpose is ~3x faster than a strided numpy copy of a large image.
+        img, full_hw = img.transpose(_UPRIGHT[orientation]), turned
+    try:
+      return DecodedImage(_to_rgb_uint8(img), full_hw)
+    except Exception as e:  # noqa: BLE001
+      raise DataError(f'{name}: cannot convert image mode {img.mode!r} to RGB ({e})') from e
+
+
+def load_image(
+  source: str | bytes,
+  *,
+  name: str | None = None,
+  max_side: int | None = None,
+  grid_hw: tuple[int, int] | None = None,
+) -> np.ndarray:
+  """`decode_image(...).image`: uint8 `[h, w, 3]` RGB, upright (EXIF orientation applied unless `grid_hw` says
+  the annotations are in the stored grid); raises `DataError` naming the file when it cannot be used."""
+  return decode_image(source, name=name, max_side=max_side, grid_hw=grid_hw).image
 
 
 # ----------------------------------------------------------------------------------------- geometry
