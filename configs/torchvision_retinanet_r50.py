@@ -14,14 +14,17 @@ What it reproduces of torchvision (tests/test_convert.py compares against torchv
 Classes: torchvision's label l (0..90, COCO category ids, 0 = '__background__', 'N/A' for unused ids) is our class
 l + 1; `category_ids[k - 1] = k - 1` maps detections back to COCO category ids.
 
-Where results can still differ from torchvision on arbitrary images (not on the same input tensor):
-- resizing: the pipeline resizes uint8 images with PIL bilinear (antialiased when shrinking); torchvision
-  interpolates float images with `F.interpolate(bilinear)`. Images already at the test size are not resized by
-  either.
-- padding: images are placed on a canvas of multiples of 128 per orientation (896 x 1408 for 800 / 1333);
-  torchvision pads each batch to its largest image rounded up to 32, and on such canvases computes its P6/P7 anchor
-  strides as canvas // grid (e.g. 800 // 13 = 61 instead of 64). Detections away from the right / bottom border
-  agree; near it the features see different padding.
+- input: `data.resize = 'torchvision'`: torchvision's `GeneralizedRCNNTransform` size rule (scale = min(800 /
+  short, 1333 / long), sizes floor(side * scale)) and its resize (normalize, then float bilinear, align_corners
+  False, no antialiasing; `transforms.resize_float_bilinear`); `data.canvas_multiple = 32`: each image padded to
+  its sides rounded up to 32, as torchvision pads a one-image batch, with its P6/P7 anchor strides on such
+  canvases (canvas // grid, e.g. 800 // 13 = 61: `anchors.level_strides`); `eval.bucket_canvases`: evaluation on
+  the same per-image canvases. `Detector.predict`, predict.py and evaluation all take this path, so any uint8
+  photo gives torchvision's `model([image / 255])` detections (tests/test_predict_parity.py).
+
+What still differs: torchvision batches several images on the canvas of the largest one (rounded to 32), so one
+image's detections near its right / bottom border depend on the other images of its batch there; here each image
+has its own canvas whatever the batch (torchvision's one-image batches, as its reference evaluation runs).
 
 Training from these weights uses this repository's losses (focal loss, smooth L1), not torchvision's L1 box loss.
 """
@@ -92,4 +95,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.max_size = 1333
   c.data.test_min_size = 800
   c.data.test_max_size = 1333
+  # torchvision's input path: its resize (scale arithmetic, float bilinear, no antialiasing), its padding to
+  # multiples of 32 per image (so its P6/P7 anchor strides, canvas // grid, follow: anchors.level_strides), and
+  # evaluation on the same per-image canvases (torchvision's reference evaluation runs one image per batch).
+  c.data.resize = 'torchvision'
+  c.data.canvas_multiple = 32
+  c.eval.bucket_canvases = True
   return c

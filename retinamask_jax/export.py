@@ -6,7 +6,10 @@
     Detector.from_checkpoint('serving/model')                   # what a server loads: no optimizer state
 
 A checkpoint written by train.py holds the config it was trained with (classes included), so nothing else is
-needed. The jitted predictor compiles once per canvas: the test canvas of each orientation.
+needed. `predict` pays for what it is given: each image goes on its own canvas (its resized sides rounded up to
+`data.canvas_multiple`, at most the test canvas of its orientation), images of one canvas share a device call
+whose batch is their count rounded up to 1, 2, 4 or 8 (and to a multiple of the device count), and one compiled
+program is kept per (batch, canvas).
 
 Serving without the model code: `detector.export_serving(path, canvas_hw)` writes the jitted inference function for
 one fixed canvas and batch as a serialized `jax.export` program, with its weights next to it (passed as an
@@ -21,7 +24,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -71,6 +74,10 @@ class Detector:
     self.score_threshold = float(config.postprocess.score_threshold)
     self.with_masks = bool(config.model.mask.enabled)
     self._predict = jax.jit(make_predict_fn(model, config, self.with_masks))
+    # Compiled programs by (batch, canvas H, canvas W): `predict` compiles each once (ahead of time, so the number of
+    # compilations is visible and bounded), and the variables are placed on the devices once.
+    self._programs: dict[tuple[int, int, int], Any] = {}
+    self._placed: tuple[Any, PyTree] | None = None
 
   # ---------------------------------------------------------------------------------------------- loading
 
@@ -267,23 +274,74 @@ class Detector:
   def class_names(self) -> tuple[str, ...]:
     return tuple(self.config.model.class_names)
 
-  def _prepare(self, image: np.ndarray) -> tuple[np.ndarray, tuple[int, int], str]:
-    """The image on its test canvas, exactly as evaluation prepares it: (canvas [H, W, 3] float32, (nh, nw),
-    orientation)."""
+  def _settings(self):
     from retinamask_jax.data import pipeline as pipeline_lib
 
-    s = pipeline_lib.eval_settings(self.config)
-    h, w = image.shape[:2]
-    orientation = 'landscape' if w >= h else 'portrait'
-    out = np.zeros((*pipeline_lib.test_canvas(s.min_sizes[0], s.max_size, orientation), 3), np.float32)
-    return out, pipeline_lib.place_image(image, out, s.min_sizes[0], s), orientation
+    return pipeline_lib.eval_settings(self.config)
 
-  def predict(self, images: Sequence[ImageLike], *, batch_size: int = 4) -> list[dict[str, np.ndarray]]:
+  def _prepare(
+      self, image: np.ndarray, out: np.ndarray | None = None
+  ) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
+    """The image on its own canvas, as evaluation with `eval.bucket_canvases` prepares it: (canvas [H, W, 3]
+    float32, resized (nh, nw), canvas (H, W)). The canvas is the resized sides rounded up to `data.canvas_multiple`,
+    at most the test canvas of the orientation (`pipeline.bucket_canvas`). `out` ([H', W', 3] float32, H' >= H,
+    W' >= W, zeros) receives it in place when given."""
+    from retinamask_jax.data import pipeline as pipeline_lib
+
+    s = self._settings()
+    h, w = image.shape[:2]
+    canvas = s.canvas_for(h, w)
+    if out is None:
+      out = np.zeros((*canvas, 3), np.float32)
+    return out, pipeline_lib.place_image(image, out[: canvas[0], : canvas[1]], s.min_sizes[0], s), canvas
+
+  def _devices(self) -> list[Any]:
+    return jax.local_devices()
+
+  @staticmethod
+  def batch_for(num_images: int, num_devices: int = 1) -> int:
+    """The batch of a device call holding `num_images` images: the next of 1, 2, 4, 8, 16, ... (powers of two, so
+    few programs are compiled), then up to a multiple of `num_devices`. Padding rows are blank and invalid."""
+    batch = 1 << max(int(num_images) - 1, 0).bit_length()
+    return -(-batch // num_devices) * num_devices
+
+  def _program(self, batch: int, canvas: tuple[int, int]) -> Any:
+    """The compiled predictor for (batch, canvas), compiled on first use; the batch is split over the local
+    devices (variables replicated) when there are several."""
+    key = (batch, int(canvas[0]), int(canvas[1]))
+    devices = self._devices()
+    if self._placed is None:
+      if len(devices) > 1:
+        mesh = jax.sharding.Mesh(np.asarray(devices), ('data',))
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+        self._placed = (rows, jax.device_put(self.variables, replicated))
+      else:
+        self._placed = (None, jax.device_put(self.variables, devices[0]))
+    if key not in self._programs:
+      rows, variables = self._placed
+      images = jax.ShapeDtypeStruct((batch, *key[1:], 3), jnp.float32, sharding=rows)
+      sizes = jax.ShapeDtypeStruct((batch, 2), jnp.int32, sharding=rows)
+      self._programs[key] = self._predict.lower(variables, images, sizes).compile()
+    return self._programs[key]
+
+  @property
+  def num_programs(self) -> int:
+    """How many (batch, canvas) programs `predict` has compiled so far."""
+    return len(self._programs)
+
+  def predict(self, images: Sequence[ImageLike], *, batch_size: int = 8) -> list[dict[str, np.ndarray]]:
     """Detections for each image, in its original pixel coordinates.
+
+    Each image is placed on its own canvas (`_prepare`: resized by `data.resize`, padded to its sides rounded up
+    to `data.canvas_multiple`), so an image's detections do not depend on the other images of the call. Images of
+    the same canvas share device calls of up to `batch_size` images; a call's batch is its image count rounded up
+    to a power of two and to a multiple of the local device count (blank, invalid padding rows, which change no
+    result). One program is compiled per (batch, canvas) met and kept (`num_programs`).
 
     Args:
       images: file paths (any format PIL reads) or uint8 `[H, W, 3]` RGB arrays, any sizes.
-      batch_size: images per device call (padded with blank rows; compiles once per orientation).
+      batch_size: at most this many images per device call.
     Returns:
       One dict per image, by score descending, only detections with score >= `score_threshold`:
       boxes [D, 4] float32 xyxy; scores [D] float32; classes [D] int32 contiguous 1..K; category_ids [D] int64
@@ -292,6 +350,8 @@ class Detector:
     """
     if isinstance(images, (str, np.ndarray)):
       raise TypeError('predict takes a sequence of images; wrap a single one in a list')
+    if batch_size < 1:
+      raise ValueError(f'batch_size must be >= 1, got {batch_size}')
     from retinamask_jax.data import transforms as T
 
     loaded = [
@@ -300,21 +360,30 @@ class Detector:
     for i, image in enumerate(loaded):
       if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f'image {i}: expected uint8 [H, W, 3] RGB, got {image.dtype} {image.shape}')
-    prepared = [self._prepare(image) for image in loaded]
+    s = self._settings()
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, image in enumerate(loaded):
+      groups.setdefault(s.canvas_for(*image.shape[:2]), []).append(i)
+    num_devices = len(self._devices())
     results: list[dict[str, np.ndarray] | None] = [None] * len(loaded)
-    for orientation in ('landscape', 'portrait'):
-      order = [i for i, p in enumerate(prepared) if p[2] == orientation]
-      for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        canvas = prepared[chunk[0]][0].shape
-        batch = np.zeros((batch_size, *canvas), np.float32)
-        sizes = np.tile(np.asarray(canvas[:2], np.int32), (batch_size, 1))
+    for canvas, members in groups.items():
+      for start in range(0, len(members), batch_size):
+        chunk = members[start:start + batch_size]
+        batch = self.batch_for(len(chunk), num_devices)
+        canvases = np.zeros((batch, *canvas, 3), np.float32)
+        # Padding rows: a harmless size (as evaluation pads); their detections are never read.
+        sizes = np.tile(np.asarray(canvas, np.int32), (batch, 1))
+        resized = {}
         for j, i in enumerate(chunk):
-          batch[j] = prepared[i][0]
-          sizes[j] = prepared[i][1]
-        dets = jax.device_get(self._predict(self.variables, jnp.asarray(batch), jnp.asarray(sizes)))
+          _, resized[i], _ = self._prepare(loaded[i], canvases[j])
+          sizes[j] = resized[i]
+        program = self._program(batch, canvas)
+        rows, variables = self._placed
+        if rows is not None:
+          canvases, sizes = jax.device_put(canvases, rows), jax.device_put(sizes, rows)
+        dets = jax.device_get(program(variables, canvases, sizes))
         for j, i in enumerate(chunk):
-          results[i] = self._unpack(dets, j, prepared[i][1], loaded[i].shape[:2])
+          results[i] = self._unpack(dets, j, resized[i], loaded[i].shape[:2])
     return results  # type: ignore[return-value]
 
   def _unpack(self, dets: dict[str, np.ndarray], j: int, resized: tuple[int, int], orig: tuple[int, int]):
@@ -420,6 +489,10 @@ def draw(image: np.ndarray, result: dict[str, np.ndarray], class_names: Sequence
                          result.get('masks'))
 
 
+# write_predictions decodes and predicts this many images at a time.
+_WRITE_CHUNK = 16
+
+
 def write_predictions(
     detector: Detector,
     images: Sequence[ImageLike],
@@ -427,31 +500,72 @@ def write_predictions(
     *,
     names: Sequence[str] | None = None,
     score_threshold: float = 0.3,
+    on_error: Callable[[str, str], None] | None = None,
 ) -> list[str]:
-  """Draws `detector`'s detections on each image into `<out_dir>/<name>.png`; all of them, as COCO-style entries
-  with `file_name`, into `<out_dir>/detections.json`. Images are paths or uint8 RGB arrays; names default to the
-  files' stems (`image_<i>` for arrays). Returns the PNG paths."""
+  """Draws `detector`'s detections on each image into `<out_dir>/<name>.png`, and writes all of them as COCO-style
+  entries (`file_name`, `category_id`, `bbox` xywh, `score`) into `<out_dir>/detections.json`.
+
+  Images are paths or uint8 RGB arrays; names default to the files' stems (`image_<i>` for arrays). Each path is
+  decoded on its own (`transforms.decode_image`): upright (EXIF orientation applied), a JPEG much larger than
+  `data.test_max_size` decoded at a reduced scale, and any image whose long side still exceeds twice
+  `data.test_max_size` shrunk to that before prediction and drawing (so masks and PNGs stay small); the boxes in
+  detections.json are in the pixels of the upright file at full resolution. A path that cannot be used (missing,
+  not an image, truncated, more than `transforms.MAX_IMAGE_PIXELS` pixels) is skipped: no PNG, one entry
+  `{"file_name": path, "error": reason}` in detections.json in its place, and `on_error(path, reason)` (default:
+  a logged warning); the other images are still predicted. Returns the PNG paths written, in input order.
+  """
+  from retinamask_jax.data import transforms as T
+
   if names is None:
     names = [os.path.splitext(os.path.basename(x))[0] if isinstance(x, str) else f'image_{i}'
              for i, x in enumerate(images)]
-  from retinamask_jax.data import transforms as T
+  if on_error is None:
+    from absl import logging
 
-  arrays = [T.load_image(x) if isinstance(x, str) else np.asarray(x) for x in images]
+    def on_error(path: str, reason: str) -> None:
+      logging.warning('skipped %s: %s', path, reason)
+
+  max_side = int(detector.config.data.test_max_size)
+  cap = int(T.DRAFT_REDUCING_GAP * max_side)
   os.makedirs(out_dir, exist_ok=True)
+  paths, entries = [], {}  # entries: image index -> its detections.json entries
   previous, detector.score_threshold = detector.score_threshold, score_threshold
   try:
-    results = detector.predict(arrays)
+    # A few images at a time: a long list of large photos is never all in memory.
+    for start in range(0, len(images), _WRITE_CHUNK):
+      chunk = []  # (index, image to predict and draw, its factors to the file's full-resolution pixels)
+      for i in range(start, min(start + _WRITE_CHUNK, len(images))):
+        source = images[i]
+        if not isinstance(source, str):
+          chunk.append((i, np.asarray(source), None))
+          continue
+        try:
+          decoded = T.decode_image(source, max_side=max_side)
+        except T.DataError as e:
+          reason = str(e).removeprefix(f'{source}: ')
+          entries[i] = [{'file_name': source, 'error': reason}]
+          on_error(source, reason)
+          continue
+        image = decoded.image
+        h, w = image.shape[:2]
+        if max(h, w) > cap:
+          image = T.resize_image(image, (max(1, round(h * cap / max(h, w))), max(1, round(w * cap / max(h, w)))))
+        (fh, fw), (h, w) = decoded.full_hw, image.shape[:2]
+        chunk.append((i, image, None if (fh, fw) == (h, w) else np.array([fw / w, fh / h] * 2, np.float64)))
+      results = detector.predict([image for _, image, _ in chunk]) if chunk else []
+      for (i, image, factor), result in zip(chunk, results):
+        path = os.path.join(out_dir, f'{names[i]}.png')
+        draw(image, result, detector.class_names).save(path)
+        paths.append(path)
+        source = images[i]
+        entries[i] = []
+        for box, score, cat in zip(result['boxes'], result['scores'], result['category_ids']):
+          box = np.asarray(box, np.float64) * factor if factor is not None else box
+          x1, y1, x2, y2 = (round(float(v), 2) for v in box)
+          entries[i].append({'file_name': source if isinstance(source, str) else names[i], 'category_id': int(cat),
+                             'bbox': [x1, y1, round(x2 - x1, 2), round(y2 - y1, 2)], 'score': round(float(score), 5)})
   finally:
     detector.score_threshold = previous
-  paths, entries = [], []
-  for image, name, source, result in zip(arrays, names, images, results):
-    path = os.path.join(out_dir, f'{name}.png')
-    draw(image, result, detector.class_names).save(path)
-    paths.append(path)
-    for box, score, cat in zip(result['boxes'], result['scores'], result['category_ids']):
-      x1, y1, x2, y2 = (round(float(v), 2) for v in box)
-      entries.append({'file_name': source if isinstance(source, str) else name, 'category_id': int(cat),
-                      'bbox': [x1, y1, round(x2 - x1, 2), round(y2 - y1, 2)], 'score': round(float(score), 5)})
   with open(os.path.join(out_dir, 'detections.json'), 'w') as f:
-    json.dump(entries, f)
+    json.dump([e for i in sorted(entries) for e in entries[i]], f)
   return paths

@@ -74,31 +74,50 @@ _MAX_REPLACEMENT_TRIES = 64
 # ----------------------------------------------------------------------------------------- canvases
 
 
+def _ceil_to(x: float, multiple: int) -> int:
+  return int(math.ceil(x / float(multiple))) * int(multiple)
+
+
 def _ceil128(x: float) -> int:
-  return int(math.ceil(x / 128.0)) * 128
+  return _ceil_to(x, 128)
 
 
-def test_canvas(min_size: int, max_size: int, orientation: str) -> Canvas:
-  """(H, W) for one scale: landscape (ceil128(min_size), ceil128(max_size)), portrait transposed.
+def test_canvas(min_size: int, max_size: int, orientation: str, multiple: int = 128) -> Canvas:
+  """(H, W) for one scale: landscape (ceil(min_size), ceil(max_size)) to `multiple` (`data.canvas_multiple`),
+  portrait transposed: the largest canvas of that orientation.
 
   Any image resized by `transforms.resized_hw(h, w, min_size, max_size)` fits the canvas of its
   orientation (the long side can exceed max_size by half a pixel per unit of aspect ratio through
   rounding; the 128 padding covers aspect ratios up to ~100 at COCO sizes, and the pipeline shrinks
-  anything that still does not fit).
+  anything that still does not fit). `torchvision_resized_hw` floors, so its sizes always fit.
   """
   if orientation not in ORIENTATIONS:
     raise ValueError(f'orientation must be one of {ORIENTATIONS}, got {orientation!r}')
-  land = (_ceil128(min(min_size, max_size)), _ceil128(max_size))
+  land = (_ceil_to(min(min_size, max_size), multiple), _ceil_to(max_size, multiple))
   return land if orientation == 'landscape' else (land[1], land[0])
 
 
-def train_canvases(min_sizes: Sequence[int], max_size: int) -> dict[tuple[int, str], Canvas]:
+def train_canvases(
+  min_sizes: Sequence[int], max_size: int, multiple: int = 128
+) -> dict[tuple[int, str], Canvas]:
   """{(scale_index, orientation): (H, W)} for every training scale and both orientations."""
   return {
-    (i, o): test_canvas(int(s), int(max_size), o)
+    (i, o): test_canvas(int(s), int(max_size), o, multiple)
     for i, s in enumerate(min_sizes)
     for o in ORIENTATIONS
   }
+
+
+def bucket_canvas(resized_hw: tuple[int, int], largest: Canvas, multiple: int) -> Canvas:
+  """The canvas of one resized (nh, nw) image when canvases are bucketed to the image (`Detector.predict`, and
+  evaluation with `eval.bucket_canvases`): each side rounded up to `multiple`, at most the `largest` canvas of
+  its orientation (`test_canvas`). With multiple 32 this is torchvision's padding of a one-image batch.
+
+  At most (largest_h / multiple) x (largest_w / multiple) canvases per orientation (each a compiled program):
+  e.g. 7 x 11 at 800 / 1333 with 128, 25 x 42 with 32, of which ordinary photos use a few (a 4:3 or 3:4 photo
+  at 800 / 1333 lands on 800 x 1088 or 1088 x 800 with 32).
+  """
+  return (min(_ceil_to(resized_hw[0], multiple), largest[0]), min(_ceil_to(resized_hw[1], multiple), largest[1]))
 
 
 # ----------------------------------------------------------------------------------------- settings
@@ -118,6 +137,8 @@ class _Settings:
   max_instances: int
   mask_size: int
   seed: int
+  resize: str = 'pil'  # data.resize: transforms.RESIZE_MODES
+  canvas_multiple: int = 128  # data.canvas_multiple
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> _Settings:
@@ -133,7 +154,27 @@ class _Settings:
       max_instances=int(d.max_instances),
       mask_size=int(d.mask_size),
       seed=int(config.seed if d.get('seed') is None else d.seed),
+      resize=str(d.get('resize', 'pil')),
+      canvas_multiple=int(d.get('canvas_multiple', 128)),
     )
+
+  def resized_hw(self, height: int, width: int, min_size: int) -> tuple[int, int]:
+    """(nh, nw) of a (height, width) image at scale `min_size` by the rule of `resize`."""
+    if self.resize == 'torchvision':
+      return T.torchvision_resized_hw(height, width, min_size, self.max_size)
+    if self.resize != 'pil':
+      raise ValueError(f'data.resize must be one of {T.RESIZE_MODES}, got {self.resize!r}')
+    return T.resized_hw(height, width, min_size, self.max_size)
+
+  def largest_canvas(self, orientation: str) -> Canvas:
+    """The test canvas of an orientation (evaluation and inference: `min_sizes[0]` / `max_size`)."""
+    return test_canvas(self.min_sizes[0], self.max_size, orientation, self.canvas_multiple)
+
+  def canvas_for(self, height: int, width: int) -> Canvas:
+    """The bucketed test canvas (`bucket_canvas`) of an original (height, width) image."""
+    orientation = 'landscape' if width >= height else 'portrait'
+    resized = self.resized_hw(height, width, self.min_sizes[0])
+    return bucket_canvas(resized, self.largest_canvas(orientation), self.canvas_multiple)
 
 
 # ---------------------------------------------------------------------------------------- one image
@@ -168,9 +209,15 @@ def load_record_image(record: ImageRecord) -> np.ndarray:
   return image
 
 
-def fit_size(name: str, height: int, width: int, min_size: int, max_size: int, canvas: Canvas) -> tuple[int, int]:
-  """(nh, nw) of an image resized by `transforms.resized_hw`, clamped to `canvas` (reported once per file)."""
-  nh, nw = T.resized_hw(height, width, min_size, max_size)
+def fit_size(
+  name: str, height: int, width: int, min_size: int, max_size: int, canvas: Canvas, resize: str = 'pil'
+) -> tuple[int, int]:
+  """(nh, nw) of an image resized by `transforms.resized_hw` (or `torchvision_resized_hw` when resize is
+  'torchvision'), clamped to `canvas` (reported once per file)."""
+  if resize == 'torchvision':
+    nh, nw = T.torchvision_resized_hw(height, width, min_size, max_size)
+  else:
+    nh, nw = T.resized_hw(height, width, min_size, max_size)
   if nh > canvas[0] or nw > canvas[1]:
     T.report_once(
       'resize_clamped',
@@ -196,8 +243,22 @@ def place_image(
   name: str = '',
 ) -> tuple[int, int]:
   """Resizes uint8 RGB `image [h, w, 3]` by the resize rule, optionally flips it, and normalizes it into the
-  top-left of `out` (float32 `[H, W, 3]`, the canvas; the rest is left as it is). Returns the resized (nh, nw)."""
-  nh, nw = fit_size(name, image.shape[0], image.shape[1], min_size, s.max_size, out.shape[:2])
+  top-left of `out` (float32 `[H, W, 3]`, the canvas; the rest is left as it is). Returns the resized (nh, nw).
+
+  `s.resize` 'pil': PIL bilinear on uint8, then normalized. 'torchvision': normalized first, then float bilinear
+  without antialiasing (`transforms.resize_float_bilinear`), as torchvision's `GeneralizedRCNNTransform`.
+  """
+  nh, nw = fit_size(name, image.shape[0], image.shape[1], min_size, s.max_size, out.shape[:2], s.resize)
+  if s.resize == 'torchvision' and (nh, nw) != image.shape[:2]:
+    normalized = T.normalize(
+      image[:, ::-1] if flip else image,
+      channel_order=s.channel_order,
+      pixel_range=s.pixel_range,
+      mean=s.pixel_mean,
+      std=s.pixel_std,
+    )
+    T.resize_float_bilinear(normalized, (nh, nw), out=out[:nh, :nw])
+    return nh, nw
   resized = T.resize_image(image, (nh, nw))
   # Flip as a strided view, normalized straight into the canvas: no intermediate copies.
   T.normalize(
@@ -364,7 +425,7 @@ class _TrainBatch:
     self.settings = settings
     per_process = plan.batch_size // process_count
     self.rows = range(process_index * per_process, (process_index + 1) * per_process)
-    self.canvases = train_canvases(settings.min_sizes, settings.max_size)
+    self.canvases = train_canvases(settings.min_sizes, settings.max_size, settings.canvas_multiple)
     self.bad: set[int] = set()
 
   def _readable(self, planned: _PlannedBatch, row: int) -> tuple[ImageRecord, np.ndarray]:
@@ -509,20 +570,34 @@ def make_train_iterator(
 
 
 def _eval_batches(
-  dataset: CocoDataset, batch_size: int, process_count: int, max_images: int
-) -> list[tuple[str, np.ndarray]]:
-  """[(orientation, record indices [batch_size * process_count], -1 = padding)], all batches."""
+  dataset: CocoDataset,
+  batch_size: int,
+  process_count: int,
+  max_images: int,
+  settings: _Settings,
+  bucket: bool = False,
+) -> list[tuple[Canvas, np.ndarray]]:
+  """[(canvas, record indices [batch_size * process_count], -1 = padding)], all batches.
+
+  One canvas per orientation (`settings.largest_canvas`), or with `bucket` each image's own bucketed canvas
+  (`_Settings.canvas_for`, from the annotation file's size: no image is decoded), groups in canvas order.
+  """
   n = len(dataset.records) if not max_images else min(max_images, len(dataset.records))
-  landscape = np.array([r.landscape for r in dataset.records[:n]], bool)
+  groups: dict[tuple[int, Canvas], list[int]] = {}
+  for i, r in enumerate(dataset.records[:n]):
+    orientation = 'landscape' if r.landscape else 'portrait'
+    canvas = settings.canvas_for(r.height, r.width) if bucket else settings.largest_canvas(orientation)
+    # Landscape groups first, as without bucketing.
+    groups.setdefault((0 if r.landscape else 1, canvas), []).append(i)
   global_size = batch_size * process_count
   out = []
-  for orientation, flag in (('landscape', True), ('portrait', False)):
-    group = np.flatnonzero(landscape == flag)
+  for (_, canvas), members in sorted(groups.items()):
+    group = np.asarray(members, np.int64)
     for start in range(0, len(group), global_size):
       chunk = np.full(global_size, -1, np.int64)
       part = group[start : start + global_size]
       chunk[: len(part)] = part
-      out.append((orientation, chunk))
+      out.append((canvas, chunk))
   return out
 
 
@@ -532,7 +607,7 @@ class _EvalBatch:
   def __init__(
     self,
     records: Sequence[ImageRecord],
-    batches: list[tuple[str, np.ndarray]],
+    batches: list[tuple[Canvas, np.ndarray]],
     settings: _Settings,
     process_index: int,
     batch_size: int,
@@ -546,8 +621,7 @@ class _EvalBatch:
 
   def __call__(self, index: int) -> dict[str, np.ndarray]:
     s = self.settings
-    orientation, chunk = self.batches[index]
-    canvas = test_canvas(s.min_sizes[0], s.max_size, orientation)
+    canvas, chunk = self.batches[index]
     out = _empty_batch(len(self.rows), canvas, s, self.with_targets)
     # Padding rows: a harmless size for any post-processing that looks at it; they are marked
     # invalid.
@@ -579,6 +653,10 @@ def eval_settings(config: ml_collections.ConfigDict) -> _Settings:
   )
 
 
+def _bucket_eval_canvases(config: ml_collections.ConfigDict) -> bool:
+  return bool(config.get('eval', {}).get('bucket_canvases', False))
+
+
 def num_eval_batches(
   dataset: CocoDataset,
   config: ml_collections.ConfigDict,
@@ -591,8 +669,9 @@ def num_eval_batches(
   with_targets: bool = False,
 ) -> int:
   """How many batches `make_eval_iterator` yields with these arguments (same on every process)."""
-  del config, process_index, num_workers, with_targets
-  return len(_eval_batches(dataset, batch_size, process_count, max_images))
+  del process_index, num_workers, with_targets
+  return len(_eval_batches(dataset, batch_size, process_count, max_images, eval_settings(config),
+                           _bucket_eval_canvases(config)))
 
 
 def make_eval_iterator(
@@ -608,21 +687,24 @@ def make_eval_iterator(
 ) -> Iterator[dict[str, np.ndarray]]:
   """Evaluation batches: single scale (data.test_min_size / test_max_size), no flip.
 
-  Landscape images first, then portrait, each group in its own canvas (`test_canvas`), in dataset
-  order. Every image (of the first `max_images`, 0 = all) appears exactly once over all processes:
-  each global batch holds batch_size * process_count images, process p reads rows [p * batch_size,
-  (p + 1) * batch_size), and the last batch of each group is padded with rows that have valid False
-  and image_id -1. All processes get the same number of batches with the same canvases.
+  Landscape images first, then portrait, each group in its own canvas (`test_canvas`, to
+  `data.canvas_multiple`), in dataset order; with `eval.bucket_canvases` each orientation is further split by
+  the images' own bucketed canvases (`bucket_canvas`, as `Detector.predict` places images). Every image (of
+  the first `max_images`, 0 = all) appears exactly once over all processes: each global batch holds
+  batch_size * process_count images, process p reads rows [p * batch_size, (p + 1) * batch_size), and the last
+  batch of each group is padded with rows that have valid False and image_id -1. All processes get the same
+  number of batches with the same canvases.
   `with_targets` adds the gt_* keys.
   """
   if not 0 <= process_index < process_count:
     raise ValueError(f'process_index {process_index} not in [0, {process_count})')
   if batch_size < 1:
     raise ValueError(f'batch_size must be >= 1, got {batch_size}')
-  batches = _eval_batches(dataset, batch_size, process_count, max_images)
-  fn = _EvalBatch(
-    dataset.records, batches, eval_settings(config), process_index, batch_size, with_targets
+  settings = eval_settings(config)
+  batches = _eval_batches(
+    dataset, batch_size, process_count, max_images, settings, _bucket_eval_canvases(config)
   )
+  fn = _EvalBatch(dataset.records, batches, settings, process_index, batch_size, with_targets)
   if not batches:
     return iter(())
   ds = grain.MapDataset.range(len(batches)).map(fn)

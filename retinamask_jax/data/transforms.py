@@ -306,6 +306,62 @@ def resize_image(image: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
   return np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR))
 
 
+# How images are resized (`data.resize`): 'pil' = `resized_hw` + `resize_image` on uint8 (the authors' rule);
+# 'torchvision' = `torchvision_resized_hw` + `resize_float_bilinear` on the normalized float image, as
+# torchvision's `GeneralizedRCNNTransform` does (for converted torchvision models).
+RESIZE_MODES = ('pil', 'torchvision')
+
+
+def torchvision_resized_hw(h: int, w: int, min_size: int, max_size: int) -> tuple[int, int]:
+  """torchvision's `GeneralizedRCNNTransform` size rule: scale = min(min_size / short, max_size / long) in Python
+  floats (double), then `F.interpolate(scale_factor=scale, recompute_scale_factor=True)`'s output size
+  floor(side * scale) per side. Returns (nh, nw); no resize when scale is 1 (both sides unchanged)."""
+  scale = min(float(min_size) / min(h, w), float(max_size) / max(h, w))
+  return int(math.floor(float(h) * scale)), int(math.floor(float(w) * scale))
+
+
+def _linear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """(i0, i1, w0, w1) of ATen's CPU bilinear kernel along one axis (align_corners=False, no scale given, so
+  scale = in / out as float32): src = max(scale * (dst + 0.5) - 0.5, 0) (one rounding), i0 = min(floor(src), in - 1),
+  i1 = i0 + 1 unless at the last pixel, w1 = clamp(src - i0, 0, 1), w0 = 1 - w1; all in float32 like ATen."""
+  scale = np.float32(in_size) / np.float32(out_size)
+  # ATen's compiled kernel fuses scale * (dst + 0.5) - 0.5 into one multiply-add (one rounding): the float64
+  # product of two float32 values is exact, so computing it in float64 and rounding once gives the same source
+  # coordinate (measured: without this, 1 column in ~200 gets a weight off by 3e-5).
+  dst = np.arange(out_size, dtype=np.float64) + 0.5
+  src = (np.float64(scale) * dst - 0.5).astype(np.float32)
+  src = np.maximum(src, np.float32(0.0))
+  i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+  i1 = np.where(i0 < in_size - 1, i0 + 1, i0)
+  w1 = np.clip(src - i0.astype(np.float32), np.float32(0.0), np.float32(1.0)).astype(np.float32)
+  return i0, i1, (np.float32(1.0) - w1).astype(np.float32), w1
+
+
+def resize_float_bilinear(image: np.ndarray, size_hw: tuple[int, int], out: np.ndarray | None = None) -> np.ndarray:
+  """float32 `[h, w, C]` -> `[nh, nw, C]` as `torch.nn.functional.interpolate(mode='bilinear',
+  align_corners=False, antialias=False)` computes it on CPU from an output size (no antialiasing when shrinking):
+  each output pixel is the 2x2 weighted sum of its source pixels, with ATen's float32 source coordinates.
+
+  Separable (rows, then columns); equal to ATen's result to float32 rounding (~1e-7 relative), which sums the
+  same four products in another order. Written into `out` (float32 `[nh, nw, C]`, e.g. a canvas view) when given.
+  """
+  nh, nw = (int(v) for v in size_hw)
+  h, w = image.shape[:2]
+  image = np.asarray(image, np.float32)
+  if out is None:
+    out = np.empty((nh, nw) + image.shape[2:], np.float32)
+  if (h, w) == (nh, nw):
+    out[...] = image
+    return out
+  y0, y1, wy0, wy1 = _linear_taps(h, nh)
+  x0, x1, wx0, wx1 = _linear_taps(w, nw)
+  extra = (None,) * (image.ndim - 2)
+  rows = image[y0] * wy0[(slice(None), None, *extra)] + image[y1] * wy1[(slice(None), None, *extra)]
+  np.multiply(rows[:, x0], wx0[(None, slice(None), *extra)], out=out)
+  out += rows[:, x1] * wx1[(None, slice(None), *extra)]
+  return out
+
+
 def scale_boxes(boxes: np.ndarray, from_hw: tuple[int, int], to_hw: tuple[int, int]) -> np.ndarray:
   """Boxes `[n, 4]` float32 from an (h, w) image to a resized (nh, nw) one: x * nw/w, y * nh/h."""
   fy = to_hw[0] / from_hw[0]

@@ -11,7 +11,9 @@ Presets:
   [x1, y1, x2 + 1, y2 + 1] in our continuous coordinates, so a cell anchor is centred at
   (s/2, s/2) with the authors' width w.
 - 'torchvision': torchvision's RetinaNet `AnchorGenerator` (sizes int(x * 2**(k / scales)), base
-  anchors round([-w, -h, w, h] / 2) in float32, centred at the grid points (x * s, y * s)).
+  anchors round([-w, -h, w, h] / 2) in float32, centred at the grid points (x * s_x, y * s_y)), with its
+  strides canvas // grid per axis (`level_strides`): 2**l on canvases that are multiples of 2**l, less on others
+  (torchvision pads to multiples of 32 only).
 """
 
 from __future__ import annotations
@@ -125,6 +127,20 @@ def _normalize(canvas_hw, min_level, max_level, sizes, aspect_ratios, scales_per
   )
 
 
+def level_strides(canvas_hw: Sequence[int], level: int, preset: str = 'authors') -> tuple[int, int]:
+  """(stride_y, stride_x) between anchor centres on one level.
+
+  'authors': 2**level. 'torchvision': its `AnchorGenerator`'s canvas // grid per axis (H // ceil(H / 2**l)),
+  which is 2**l on canvases that are multiples of 2**l but not otherwise: on a 800 x 1088 canvas (torchvision pads
+  to multiples of 32) P6 is 13 x 17 with strides 61 x 64, P7 7 x 9 with strides 114 x 120.
+  """
+  if preset != 'torchvision':
+    return 2**level, 2**level
+  h, w = (int(v) for v in canvas_hw)
+  fh, fw = -(-h // 2**level), -(-w // 2**level)
+  return h // fh, w // fw
+
+
 @functools.lru_cache(maxsize=64)
 def _generate(canvas_hw, min_level, max_level, sizes, aspect_ratios, scales_per_octave, preset):
   per_level = []
@@ -133,8 +149,9 @@ def _generate(canvas_hw, min_level, max_level, sizes, aspect_ratios, scales_per_
   ):
     stride = 2**level
     cells = _cell_anchors64(stride, size, aspect_ratios, scales_per_octave, preset)
+    stride_y, stride_x = level_strides(canvas_hw, level, preset)
     # Shifts in (y, x) raster order, xyxy shift (x s, y s, x s, y s); float64, one final rounding.
-    sy, sx = np.meshgrid(np.arange(fh) * stride, np.arange(fw) * stride, indexing='ij')
+    sy, sx = np.meshgrid(np.arange(fh) * stride_y, np.arange(fw) * stride_x, indexing='ij')
     shifts = np.stack([sx, sy, sx, sy], axis=-1).reshape(-1, 1, 4).astype(np.float64)
     per_level.append((shifts + cells[None]).reshape(-1, 4))
   anchors = np.concatenate(per_level, axis=0).astype(np.float32)
