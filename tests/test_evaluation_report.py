@@ -4,6 +4,7 @@ the learning-curve plots and legible prediction drawings."""
 import contextlib
 import io
 import json
+import os
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from retinamask_jax import cli
-from retinamask_jax.evaluation import coco_eval
+from retinamask_jax.evaluation import coco_eval, plots, visualize
 
 # Three categories (non-contiguous ids), the third without ground truth; 4 images of 64 x 80; no object is
 # larger than 96^2 px, so COCOeval's APl is -1.
@@ -129,3 +130,76 @@ def test_console_prints_a_dash_for_no_objects_of_a_size(capsys):
   assert out == ['box  AP 30.0  APm 25.0  APl -', 'mask AP 20.0  APl -']
   assert '-100' not in ''.join(out)
 
+
+
+def _metrics_lines(final_ap: float) -> list[dict]:
+  lines = [{'step': s, 'loss': 2.0 / s} for s in range(1, 21)]
+  lines += [{'step': 10, 'kind': 'eval', 'bbox/AP': final_ap / 2, 'segm/AP': final_ap / 3, 'bbox/APl': None,
+             'wall_seconds': 30.0},
+            {'step': 20, 'kind': 'eval', 'bbox/AP': final_ap, 'segm/AP': final_ap / 2, 'wall_seconds': 61.5}]
+  return lines
+
+
+def test_curves_read_eval_and_train_lines():
+  c = plots.curves(_metrics_lines(0.4))
+  assert c['box_ap_step'] == [(10, 20.0), (20, 40.0)]
+  np.testing.assert_allclose(c['mask_ap_step'], [(10, 40 / 3), (20, 20.0)])
+  assert c['box_ap_wall'] == [(0.5, 20.0), (61.5 / 60, 40.0)]
+  assert len(c['loss']) == 20 and c['loss'][0] == (1, 2.0)
+
+
+def test_plot_files_are_written(tmp_path):
+  pytest.importorskip('matplotlib')
+  from PIL import Image
+
+  run = tmp_path / 'run'
+  run.mkdir()
+  (run / 'metrics.jsonl').write_text('\n'.join(json.dumps(r) for r in _metrics_lines(0.4)) + '\n{"cut by a cra')
+  path = plots.plot_workdir(str(run))
+  assert path == str(run / 'curves.png')
+  with Image.open(path) as im:
+    assert im.format == 'PNG' and im.size[0] > im.size[1] > 200
+  # A sweep's plot: one curve per run.
+  sweep_png = plots.plot_runs({'a': _metrics_lines(0.4), 'b': _metrics_lines(0.3)}, str(tmp_path / 's' / 'c.png'))
+  assert sweep_png and os.path.getsize(sweep_png) > 0
+  # Nothing to plot: no file.
+  assert plots.plot_runs({'a': []}, str(tmp_path / 'none.png')) is None and not (tmp_path / 'none.png').exists()
+
+
+def test_plots_are_skipped_with_one_line_without_matplotlib(tmp_path, monkeypatch, capsys):
+  import builtins
+
+  real_import = builtins.__import__
+
+  def no_matplotlib(name, *args, **kwargs):
+    if name.startswith('matplotlib'):
+      raise ImportError(name)
+    return real_import(name, *args, **kwargs)
+
+  monkeypatch.setattr(builtins, '__import__', no_matplotlib)
+  monkeypatch.setattr(plots, '_told_missing', False)
+  for _ in range(2):
+    assert plots.plot_runs({'a': _metrics_lines(0.4)}, str(tmp_path / 'c.png')) is None
+  assert capsys.readouterr().out.count('matplotlib is not installed') == 1
+  assert not (tmp_path / 'c.png').exists()
+
+
+def test_small_images_are_enlarged_for_drawing_and_labels_do_not_overlap():
+  assert visualize.draw_scale(64, 80, 512) == 4  # capped
+  assert visualize.draw_scale(200, 300, 512) == 3 and visualize.draw_scale(600, 800, 512) == 1
+  image = np.full((64, 80, 3), 128, np.uint8)
+  boxes = np.array([[10, 20, 30, 40], [12, 22, 32, 42], [11, 21, 31, 41]], np.float32)  # three overlapping boxes
+  masks = np.zeros((3, 64, 80), bool)
+  masks[0, 20:40, 10:30] = True
+  out = visualize.draw_detections(image, boxes, np.array([0.9, 0.8, 0.7]), [1, 2, 1], ['ring', 'bar'], masks)
+  assert out.size == (320, 256)
+  pixels = np.asarray(out)
+  assert (pixels[100:140, 60:100] != 128).any()  # the mask, enlarged with the image (rows 80-160, cols 40-120)
+  assert (pixels[200:, 200:] == 128).all()  # nothing drawn far from the boxes
+  placed: list = []
+  for box in boxes * 4:
+    x, y = visualize._label_box(placed, list(box), (60, 12), (256, 320))
+    placed.append((x, y, x + 60, y + 12))
+  for i, a in enumerate(placed):
+    for b in placed[i + 1:]:
+      assert not (a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]), (a, b)

@@ -24,6 +24,29 @@ def palette(n: int) -> np.ndarray:
   return (table * 255).astype(np.uint8)
 
 
+def draw_scale(height: int, width: int, min_side: int) -> int:
+  """The integer factor small images are enlarged by for drawing: the smallest that brings the short side to
+  `min_side` px (1 for images already that large, at most 4). Labels keep a fixed pixel size, so on an enlarged
+  image they cover less of each object and stop overlapping one another."""
+  short = max(min(height, width), 1)
+  return int(min(max(-(-min_side // short), 1), 4))
+
+
+def _label_box(placed: list[tuple[float, float, float, float]], box: Sequence[float], size: tuple[int, int],
+               image_hw: tuple[int, int]) -> tuple[float, float]:
+  """Top-left corner for a label of `size` (w, h) beside `box`: above it, inside its top, below it, inside its
+  bottom, the first that stays in the image and overlaps no label placed so far (else the first in the image)."""
+  x1, y1, x2, y2 = box
+  w, h = size
+  x = min(max(x1, 0), max(image_hw[1] - w, 0))
+  candidates = [y1 - h, y1, y2, y2 - h]
+  inside = [y for y in candidates if 0 <= y <= image_hw[0] - h] or [max(min(y1, image_hw[0] - h), 0)]
+  for y in inside:
+    if not any(x < bx2 and bx1 < x + w and y < by2 and by1 < y + h for bx1, by1, bx2, by2 in placed):
+      return x, y
+  return x, inside[0]
+
+
 def draw_detections(
     image: np.ndarray,
     boxes: np.ndarray,
@@ -33,9 +56,17 @@ def draw_detections(
     masks: np.ndarray | None = None,
     *,
     mask_alpha: float = 0.45,
+    min_side: int = 512,
 ) -> Image.Image:
   """image: uint8 [H, W, 3] RGB; boxes [D, 4] xyxy pixels; scores [D]; labels [D] contiguous 1..K;
-  masks: optional bool [Dm, H, W] for the first Dm detections. Returns a PIL image."""
+  masks: optional bool [Dm, H, W] for the first Dm detections. Returns a PIL image, enlarged by the integer
+  `draw_scale(H, W, min_side)` (nearest neighbour) when the image is small, so that labels stay legible."""
+  scale = draw_scale(image.shape[0], image.shape[1], min_side)
+  if scale > 1:
+    image = np.repeat(np.repeat(image, scale, 0), scale, 1)
+    boxes = np.asarray(boxes, np.float32) * scale
+    if masks is not None:
+      masks = np.repeat(np.repeat(np.asarray(masks, bool), scale, 1), scale, 2)
   colours = palette(max(len(class_names), 1) + 1)
   canvas = image.astype(np.float32).copy()
   if masks is not None:
@@ -45,14 +76,20 @@ def draw_detections(
   out = Image.fromarray(canvas.clip(0, 255).astype(np.uint8))
   draw = ImageDraw.Draw(out)
   font = ImageFont.load_default()
-  for box, score, label in zip(boxes, scores, labels):
+  placed: list[tuple[float, float, float, float]] = []
+  for box, label in zip(boxes, labels):
     colour = tuple(int(c) for c in colours[int(label)])
     x1, y1, x2, y2 = (float(v) for v in box)
     draw.rectangle([x1, y1, x2, y2], outline=colour, width=2)
+  # Labels after all boxes, so no box outline is drawn over a label.
+  for box, score, label in zip(boxes, scores, labels):
+    colour = tuple(int(c) for c in colours[int(label)])
     name = class_names[int(label) - 1] if 0 < int(label) <= len(class_names) else str(int(label))
     text = f'{name} {score:.2f}'
-    left, top, right, bottom = draw.textbbox((x1, y1), text, font=font)
-    ty = max(y1 - (bottom - top) - 2, 0)
-    draw.rectangle([x1, ty, x1 + (right - left) + 4, ty + (bottom - top) + 2], fill=colour)
-    draw.text((x1 + 2, ty), text, fill=(0, 0, 0), font=font)
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    size = (right - left + 4, bottom - top + 2)
+    tx, ty = _label_box(placed, [float(v) for v in box], size, (out.height, out.width))
+    placed.append((tx, ty, tx + size[0], ty + size[1]))
+    draw.rectangle([tx, ty, tx + size[0], ty + size[1]], fill=colour)
+    draw.text((tx + 2, ty - top), text, fill=(0, 0, 0), font=font)
   return out
