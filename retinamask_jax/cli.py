@@ -70,9 +70,10 @@ def _quiet_libraries() -> None:
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
+  from retinamask_jax.config_check import ConfigError
   from retinamask_jax.data.transforms import DataError
   from retinamask_jax.train.checkpoint import ShapeMismatchError
-  from retinamask_jax.train.loop import ConfigError, NonFiniteError
+  from retinamask_jax.train.nonfinite import NonFiniteError
 
   return (ConfigError, ShapeMismatchError, DataError, FileNotFoundError, _UsageError, NonFiniteError)
 
@@ -85,7 +86,7 @@ def run(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
       _initialize_distributed()
     return fn(*args, **kwargs)
   except _expected_errors() as e:
-    from retinamask_jax.train.loop import NonFiniteError
+    from retinamask_jax.train.nonfinite import NonFiniteError
 
     print(f'error: {e}', file=sys.stderr, flush=True)
     sys.exit(EXIT_NONFINITE if isinstance(e, NonFiniteError) else EXIT_USAGE)
@@ -148,11 +149,26 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
 def predict(
     workdir: str, images: list[str], out_dir: str | None, *, step: int | None = None, score_threshold: float = 0.3
 ) -> list[str]:
-  """Runs the checkpoint in `workdir` on `images`; writes one PNG per image and detections.json to out_dir."""
+  """Runs the checkpoint in `workdir` on `images`; writes one PNG per image and detections.json to out_dir.
+
+  An image that cannot be used (missing, not an image, truncated, too many pixels) is skipped with one line
+  `skipped <file>: <reason>` on stderr and an `error` entry in detections.json; the others are still predicted.
+  When every image was skipped this raises DataError (exit code 2 through `run`).
+  """
   from retinamask_jax import export
+  from retinamask_jax.data.transforms import DataError
 
   detector = export.Detector.from_checkpoint(workdir, step)
   out_dir = out_dir or os.path.join(workdir, 'predictions')
-  paths = export.write_predictions(detector, images, out_dir, score_threshold=score_threshold)
-  print(f'wrote {len(paths)} images and detections.json to {os.path.abspath(out_dir)}', flush=True)
+  skipped = []
+
+  def report(path: str, reason: str) -> None:
+    skipped.append(path)
+    print(f'skipped {path}: {reason}', file=sys.stderr, flush=True)
+
+  paths = export.write_predictions(detector, images, out_dir, score_threshold=score_threshold, on_error=report)
+  print(f'wrote {len(paths)} images and detections.json to {os.path.abspath(out_dir)}'
+        + (f' ({len(skipped)} skipped)' if skipped else ''), flush=True)
+  if images and not paths:
+    raise DataError(f'none of the {len(images)} images could be used (each is named above)')
   return paths

@@ -109,6 +109,7 @@ class ProgressBar:
     self._t0 = time.perf_counter()
     self._start = start
     self._postfix = ''
+    self._closed = False
 
   def update(self, count: int, postfix: str | None = None) -> None:
     self.count = count
@@ -136,6 +137,8 @@ class ProgressBar:
     self.stream.flush()
 
   def close(self) -> None:
-    if self.enabled and self.tty:
+    """Ends the bar's line on a terminal; closing again does nothing."""
+    if self.enabled and self.tty and not self._closed:
       self.stream.write('\n')
       self.stream.flush()
+    self._closed = True
