@@ -14,7 +14,8 @@ or shapes scale: `python -m retinamask_jax.sweep --config configs/ablation_best_
 
 Runs are written to `<workdir>/runs/<name>/` (an ordinary train.py workdir: checkpoints, metrics.jsonl, eval/), one
 row per run to `<workdir>/sweep.json` and the paper's table format (mean and spread over seeds) to
-`<workdir>/sweep.md`. Re-running the command skips finished runs and resumes unfinished ones.
+`<workdir>/sweep.md`, the learning curves of every run to `<workdir>/curves.png`. Re-running the command skips
+finished runs and resumes unfinished ones.
 
 Continuous knobs are traced (`HParams`, DESIGN.md 2.6), so runs that differ only in them, or in the seed, share one
 compiled train step: a threshold sweep compiles once. With `--vmap` such runs also train as one program, their
@@ -372,7 +373,9 @@ def _run_vmapped(
     if val_ds is not None:
       metrics = loop.run_evaluation(run.config, program.model, run_state.variables, val_ds,
                                     os.path.join(run_dir, 'eval', f'step_{step}'), eval_mesh)
-      writer.write(step, metrics, kind='eval')
+      # The run's wall time as its row counts it: its share of the program's training, then its evaluation.
+      wall = train_seconds / num_runs + metrics.get('eval_seconds', 0.0)
+      writer.write(step, {**metrics, 'wall_seconds': wall}, kind='eval')
     writer.close()
     row = _row(run, metrics, mode='vmap', train_seconds=train_seconds / num_runs,
                eval_seconds=metrics.get('eval_seconds', 0.0), runs_in_program=num_runs,
@@ -443,7 +446,19 @@ def run_sweep(
   with open(os.path.join(workdir, 'sweep.md'), 'w') as f:
     f.write(table)
   print(table, flush=True)
+  _plot_sweep(workdir, runs, title)
   return ordered
+
+
+def _plot_sweep(workdir: str, runs: Sequence[Run], title: str) -> None:
+  """`<workdir>/curves.png`: AP against step and wall time and the loss, one curve per run."""
+  from retinamask_jax.evaluation import plots
+
+  records = {f'{r.label} s{r.seed}' if r.label else r.name:
+             plots.read_metrics(os.path.join(workdir, 'runs', r.name, 'metrics.jsonl')) for r in runs}
+  path = plots.plot_runs(records, os.path.join(workdir, plots.CURVES_FILE), title=title)
+  if path:
+    print(f'learning curves: {path}', flush=True)
 
 
 # ------------------------------------------------------------------------------------------------ tables

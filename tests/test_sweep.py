@@ -1,5 +1,6 @@
 """Sweeps (issue: ablations are data): grid parsing, tables, one compilation per sweep, vmapped runs == runs alone."""
 
+import importlib.util
 import json
 import logging
 import os
@@ -199,6 +200,10 @@ def test_sweep_writes_normal_run_dirs_tables_and_resumes(sweeps):
     assert 'bbox/AP' in row and 'segm/AP' in row
   table = (root / 'vmap' / 'sweep.md').read_text()
   assert table.count('\n') == 2 + 5
+  if importlib.util.find_spec('matplotlib'):  # the learning curves, one per run (optional dependency)
+    assert (root / 'vmap' / 'curves.png').stat().st_size > 0 and (root / 'seq' / 'curves.png').stat().st_size > 0
+  evals = [json.loads(ln) for ln in (root / 'vmap' / 'runs' / vrows[0]['name'] / 'metrics.jsonl').open()]
+  assert [r['wall_seconds'] > 0 for r in evals if r.get('kind') == 'eval'] == [True]
   assert json.loads((root / 'vmap' / 'sweep.json').read_text()) == vrows
   # Finished runs are not run again.
   before = {p: p.stat().st_mtime for p in (root / 'seq' / 'runs').glob('*/metrics.jsonl')}
