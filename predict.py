@@ -2,7 +2,11 @@
 
 Loads the latest checkpoint in `<workdir>/checkpoints/` (with the config it was trained with), runs the detector on
 each image at the config's test size, and writes `<out>/<image name>.png` with boxes, class names, scores and masks,
-plus `<out>/detections.json` (boxes in original image pixels, dataset category ids).
+plus `<out>/detections.json` (boxes in the pixels of the upright image at full resolution, dataset category ids).
+
+Images that cannot be used (missing, not an image, truncated, over `transforms.MAX_IMAGE_PIXELS` pixels) are skipped,
+each named on one line `skipped <file>: <reason>` on stderr and as `{"file_name", "error"}` in detections.json; the
+others are still predicted. Exit code 0, or 2 when every image was skipped.
 """
 
 import sys
