@@ -230,6 +230,24 @@ def test_annotations_in_the_stored_grid_keep_it_and_say_so(tmp_path, caplog):
   np.testing.assert_array_equal(T.load_image(str(path), grid_hw=(5, 8)), stored[::-1, ::-1])
 
 
+def test_training_records_follow_their_json_grid_and_refuse_bombs(tmp_path):
+  from retinamask_jax.data import coco, pipeline
+
+  def record(path, h, w):
+    empty = np.zeros((0, 4), np.float32)
+    return coco.ImageRecord(0, str(path), h, w, empty, np.zeros((0,), np.int32), [], np.zeros((0,), np.int64))
+
+  stored = np.random.default_rng(1).integers(0, 256, (5, 8, 3), np.uint8)
+  path = tmp_path / 'phone.png'
+  Image.fromarray(stored).save(path, 'PNG', exif=_exif(8))
+  np.testing.assert_array_equal(pipeline.load_record_image(record(path, 8, 5)), np.rot90(stored, k=1))
+  np.testing.assert_array_equal(pipeline.load_record_image(record(path, 5, 8)), stored)
+  # A bomb is a DataError like any unreadable file: training replaces the image, evaluation leaves it out
+  # (tests/test_reliability.py), each reported once.
+  with pytest.raises(T.DataError, match=r'bomb\.png: 40000 x 40000'):
+    pipeline.load_record_image(record(_bomb(tmp_path / 'bomb.png'), 40000, 40000))
+
+
 # --------------------------------------------------------------------------------------------- modes
 
 
@@ -299,8 +317,9 @@ def exported(tmp_path_factory):
   head['kernel'] = head['kernel'] * 300.0
   head['bias'] = np.random.default_rng(0).normal(-4.0, 1.0, head['bias'].shape).astype(np.float32)
   path = str(tmp_path_factory.mktemp('export') / 'model')
-  Detector(model, c, {k: variables[k] for k in ('params', 'frozen')}).export(path)
-  return path, int(c.data.test_max_size)
+  detector = Detector(model, c, {k: variables[k] for k in ('params', 'frozen')})
+  detector.export(path)
+  return path, int(c.data.test_max_size), detector
 
 
 def _predict(model: str, out: str, *images: str) -> subprocess.CompletedProcess:
@@ -312,7 +331,7 @@ def _predict(model: str, out: str, *images: str) -> subprocess.CompletedProcess:
 
 
 def test_predict_cli_predicts_the_good_images_and_lists_the_bad_ones(exported, huge_jpeg, tmp_path):
-  model, test_max_size = exported
+  model, test_max_size, _ = exported
   upright = _photo(90, 60, seed=1)
   Image.fromarray(upright).save(tmp_path / 'upright.png')
   # The same picture stored sideways with orientation 6, as a phone writes a portrait photo.
@@ -355,7 +374,7 @@ def test_predict_cli_predicts_the_good_images_and_lists_the_bad_ones(exported, h
 
 
 def test_predict_cli_exits_2_when_every_image_is_bad(exported, tmp_path):
-  model, _ = exported
+  model, _, detector = exported
   bomb = _bomb(tmp_path / 'bomb.png')
   missing = str(tmp_path / 'missing.jpg')
   out = str(tmp_path / 'vis')
@@ -370,3 +389,6 @@ def test_predict_cli_exits_2_when_every_image_is_bad(exported, tmp_path):
   assert lines[-1] == 'error: none of the 2 images could be used (each is named above)'
   with open(os.path.join(out, 'detections.json')) as f:
     assert [e['file_name'] for e in json.load(f)] == [bomb, missing]
+  # The library call itself raises, naming the file (nothing is compiled or run for it).
+  with pytest.raises(T.DataError, match=r'bomb\.png: 40000 x 40000'):
+    detector.predict([bomb])
