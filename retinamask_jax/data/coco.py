@@ -103,6 +103,11 @@ class CocoDataset:
     return {k + 1: c for k, c in enumerate(self.category_ids)}
 
 
+# Kinds that are counted like problems but are ordinary COCO content, handled as detectron2 does: logged as
+# information, not as warnings, and summed up apart from the data problems.
+INFORMATION_KINDS = frozenset({'crowd_dropped'})
+
+
 class _Reporter:
   """Counts problems by kind and logs the first MAX_LOGGED_PER_KIND of each (once per key)."""
 
@@ -118,20 +123,23 @@ class _Reporter:
     self._seen.add((kind, key))
     n = self.counts.get(kind, 0) + 1
     self.counts[kind] = n
+    log = logging.info if kind in INFORMATION_KINDS else logging.warning
     if n <= MAX_LOGGED_PER_KIND:
-      logging.warning('[data: %s] %s: %s', kind, self.source, what)
+      log('[data: %s] %s: %s', kind, self.source, what)
     elif n == MAX_LOGGED_PER_KIND + 1:
-      logging.warning(
-        '[data: %s] %s: more of these; only the count is reported from now on', kind, self.source
-      )
+      log('[data: %s] %s: more of these; only the count is reported from now on', kind, self.source)
 
   def summary(self) -> None:
-    if self.counts:
+    problems = {k: v for k, v in self.counts.items() if k not in INFORMATION_KINDS}
+    notes = {k: v for k, v in self.counts.items() if k in INFORMATION_KINDS}
+    if problems:
       logging.warning(
         'data problems in %s (each handled as logged): %s',
         self.source,
-        ', '.join(f'{k}={v}' for k, v in sorted(self.counts.items())),
+        ', '.join(f'{k}={v}' for k, v in sorted(problems.items())),
       )
+    if notes:
+      logging.info('%s: %s', self.source, ', '.join(f'{k}={v}' for k, v in sorted(notes.items())))
 
 
 def _fmt(box: np.ndarray) -> str:

@@ -82,9 +82,21 @@ class DataProblemReport:
         'val annotations': self.val.report if self.val is not None else {},
         'images': {k: v - before.get(k, 0) for k, v in now.items() if v > before.get(k, 0)},
     }
+    # Ordinary COCO content, handled as detectron2 does (crowd regions left out of training): information, not a
+    # problem of the data.
+    notes = {where: {k: v for k, v in counts.items() if k in coco_lib.INFORMATION_KINDS}
+             for where, counts in parts.items()}
+    parts = {where: {k: v for k, v in counts.items() if k not in coco_lib.INFORMATION_KINDS}
+             for where, counts in parts.items()}
     text = '; '.join(f'{where}: ' + ', '.join(f'{k}={v}' for k, v in sorted(counts.items()))
                      for where, counts in parts.items() if counts)
     if text and self.enabled:
       line = f'data problems (each reported once above, with what was done): {text}'
       logging.warning(line)
+      print(line, flush=True)
+    info = '; '.join(f'{where}: ' + ', '.join(f'{k}={v}' for k, v in sorted(counts.items()))
+                     for where, counts in notes.items() if counts)
+    if info and self.enabled:
+      line = f'data (information): {info} (crowd regions are not trained on, as in detectron2)'
+      logging.info(line)
       print(line, flush=True)

@@ -33,6 +33,7 @@ from absl import logging
 from retinamask_jax.config_check import ConfigError, _check_against_defaults, validate_config
 from retinamask_jax.data import coco as coco_lib
 from retinamask_jax.data import pipeline as pipeline_lib
+from retinamask_jax.evaluation import plots
 from retinamask_jax.hparams import HParams
 from retinamask_jax.train import sharding
 from retinamask_jax.train.checkpoint import Checkpointer
@@ -110,6 +111,8 @@ class _Run:
   bar: ProgressBar | None = None
   nonfinite: NonFiniteMonitor | None = None
   problems: DataProblemReport | None = None
+  started: float = dataclasses.field(default_factory=time.perf_counter)
+  wall_offset: float = 0.0  # wall_seconds of the earlier sessions (a resumed run's curve goes on from there)
 
   @classmethod
   def start(cls, config: ml_collections.ConfigDict, workdir: str, val_ds: coco_lib.CocoDataset | None) -> _Run:
@@ -135,6 +138,7 @@ class _Run:
     """Drops metrics.jsonl lines after `start_step`: each logged step appears once however often a run restarts."""
     # Also without a checkpoint: a run killed before its first save completed leaves lines that step 1 repeats.
     dropped = self.writer.truncate_after(start_step)
+    self.wall_offset = max([r['wall_seconds'] for r in self.writer.read() if 'wall_seconds' in r], default=0.0)
     if resumed:
       logging.info('resumed from step %d (%d metrics lines after it dropped)', start_step, dropped)
       if self.is_main:
@@ -153,9 +157,19 @@ class _Run:
     skipped = self.nonfinite.total()
     self.checkpointer.save(step, state, {'step': step, 'next_index': step, 'nonfinite_steps': skipped}, self.config)
 
+  def wall_seconds(self) -> float:
+    """Seconds of this run so far (all sessions; compilation and evaluations included)."""
+    return self.wall_offset + time.perf_counter() - self.started
+
   def evaluate(self, state: Any, step: int) -> dict[str, float]:
-    return run_evaluation(self.config, self.program.model, state.variables, self.val_ds,
-                          os.path.join(self.workdir, 'eval', f'step_{step}'), self.mesh)
+    """COCO evaluation at `step`: its metrics.jsonl line (with wall_seconds) and the learning curves."""
+    metrics = run_evaluation(self.config, self.program.model, state.variables, self.val_ds,
+                             os.path.join(self.workdir, 'eval', f'step_{step}'), self.mesh)
+    metrics['wall_seconds'] = self.wall_seconds()
+    self.writer.write(step, metrics, kind='eval')
+    if self.is_main and plots.plot_workdir(self.workdir):
+      print(f'learning curves: {os.path.join(self.workdir, plots.CURVES_FILE)}', flush=True)
+    return metrics
 
   def close(self) -> None:
     """Waits for the saves in flight and closes the logs; the progress bar's line ends."""
@@ -207,7 +221,7 @@ def _train(
       run.save(state, step)
     if c.eval.every_steps and step % c.eval.every_steps == 0 and step < num_steps and run.val_ds:
       run.checkpointer.wait()
-      run.writer.write(step, run.evaluate(state, step), kind='eval')
+      run.evaluate(state, step)
     if preemption.signum is not None:
       break
   return state, step
@@ -222,7 +236,7 @@ def _log(run: _Run, step: int, metrics: Any, batch: dict[str, np.ndarray], last_
   record = {k: float(v) for k, v in metrics.items()}
   record.update(images_per_s=images_per_s, canvas=list(batch['image'].shape[1:3]),
                 train_step_compilations=int(train_step._cache_size()),
-                nonfinite_steps=run.nonfinite.total_without_check())
+                nonfinite_steps=run.nonfinite.total_without_check(), wall_seconds=run.wall_seconds())
   run.writer.write(step, record)
   run.bar.update(step, f"loss {record['loss']:.4f} {images_per_s:.1f} img/s")
   run.nonfinite.total()
@@ -254,7 +268,6 @@ def _final_evaluation(
       print('\n'.join(f'  {k}: {v}' for k, v in final.items() if '/' in k), flush=True)
   else:
     final = run.evaluate(state, step)
-    run.writer.write(step, final, kind='eval')
   if run.is_main and run.config.eval.num_prediction_images:
     write_sample_predictions(run.config, run.program.model, state.variables, val_ds,
                              os.path.join(run.workdir, 'predictions'))
