@@ -171,6 +171,12 @@ def test_ordinary_images_decode_exactly_with_a_hint(tmp_path):
       np.testing.assert_array_equal(hinted.image, exact)
     else:  # 800 x 600 for a 128 side: 1/2 scale, still >= 2 x 128
       assert hinted.image.shape == (h // 2, w // 2, 3) and hinted.full_hw == (h, w)
+  # A phone's multi-picture JPEG (MPO) is reduced like a JPEG (its first picture).
+  mpo = io.BytesIO()
+  Image.fromarray(_photo(600, 800)).save(mpo, 'MPO', save_all=True, append_images=[Image.fromarray(_photo(60, 80))])
+  assert Image.open(mpo).format == 'MPO'
+  hinted = T.decode_image(mpo.getvalue(), max_side=128)
+  assert hinted.image.shape == (300, 400, 3) and hinted.full_hw == (600, 800)
   # PNGs have no reduced decode: always exact.
   path = tmp_path / 'big.png'
   Image.fromarray(_photo(600, 800)).save(path)

@@ -237,7 +237,7 @@ def decode_image(
     full_w, full_h = img.size
     try:
       scale = draft_scale(full_w, full_h, max_side)
-      if scale > 1 and img.format == 'JPEG':
+      if scale > 1:  # JPEG and MPO (phones' multi-picture JPEGs) decode reduced; other formats ignore it
         img.draft(None, (max(1, full_w // scale), max(1, full_h // scale)))
       img.load()  # open is lazy: decode now so that errors surface here
     except Exception as e:  # noqa: BLE001  (whatever the decoder raises, the file is unusable)
