@@ -360,7 +360,9 @@ def retinanet_num_classes(state_dict: StateDict) -> tuple[int, int]:
   return int(cls.shape[0]) // num_anchors, num_anchors
 
 
-def _abstract_retinanet(num_classes: int, num_anchors: int) -> PyTree:
+def _abstract_retinanet(
+    num_classes: int, num_anchors: int, arch: ResNetArchitecture = ResNetArchitecture(50)
+) -> PyTree:
   import jax
   import jax.numpy as jnp
 
@@ -368,7 +370,10 @@ def _abstract_retinanet(num_classes: int, num_anchors: int) -> PyTree:
 
   module = rm.RetinaMask(
       num_classes=num_classes,
-      backbone_config=rm.BackboneConfig(depth=50, stride_in_1x1=False),
+      backbone_config=rm.BackboneConfig(
+          depth=arch.depth, groups=arch.groups, width_per_group=arch.width_per_group, base_width=arch.base_width,
+          stride_in_1x1=False,
+      ),
       head_config=rm.HeadConfig(num_anchors=num_anchors),
       mask_config=None,
   )
@@ -380,7 +385,10 @@ def retinanet_variables(state_dict: StateDict, *, bn_eps: float = BN_EPS) -> dic
 
   Use with `configs/torchvision_retinanet_r50.py` and `model.num_classes` = `retinanet_num_classes(sd)[0]` (91 for
   COCO; our class k is torchvision's label k - 1, so `category_ids = range(91)` gives COCO's ids). The mask head is
-  not part of a RetinaNet (`model.mask.enabled = False`).
+  not part of a RetinaNet (`model.mask.enabled = False`). A `RetinaNet` built on another ResNet with torchvision's
+  own FPN extractor (`_resnet_fpn_extractor(resnet18(), 3, returned_layers=[2, 3, 4],
+  extra_blocks=LastLevelP6P7(256, 256))`) converts too: the backbone is read off the tensors
+  (`retinanet_architecture`; set `model.backbone.depth` etc. to it, as the command does).
 
   Returns:
     float32 numpy trees: params {backbone, fpn, head}, frozen {backbone}.
@@ -389,7 +397,7 @@ def retinanet_variables(state_dict: StateDict, *, bn_eps: float = BN_EPS) -> dic
   """
   sd = _rename_legacy(state_dict)
   num_classes, num_anchors = retinanet_num_classes(sd)
-  arch = ResNetArchitecture(depth=50)
+  arch = retinanet_architecture(sd)
   entries = list(_resnet_entries(arch, RETINANET_PREFIX, ('backbone',)))
   for i in range(3):
     entries.append(_Entry(('params', 'fpn', f'lateral{i + 3}'), f'backbone.fpn.inner_blocks.{i}.0', 'conv'))
@@ -403,8 +411,17 @@ def retinanet_variables(state_dict: StateDict, *, bn_eps: float = BN_EPS) -> dic
     for i in range(4):
       entries.append(_Entry(('params', 'head', f'{tower}_{i}'), f'head.{head}.conv.{i}.0', 'conv'))
     entries.append(_Entry(('params', 'head', ours), f'head.{head}.{predictor}', 'conv'))
-  what = 'torchvision retinanet_resnet50_fpn'
-  return _convert(sd, entries, _abstract_retinanet(num_classes, num_anchors), what, bn_eps)
+  what = 'torchvision retinanet_resnet50_fpn' if arch.depth == 50 else f'torchvision RetinaNet ResNet-{arch.depth}'
+  return _convert(sd, entries, _abstract_retinanet(num_classes, num_anchors, arch), what, bn_eps)
+
+
+def retinanet_architecture(state_dict: StateDict) -> ResNetArchitecture:
+  """The ResNet under `backbone.body.` of a torchvision RetinaNet state dict (ResNet-50 when it cannot be read:
+  the conversion then names the first mismatching key)."""
+  try:
+    return resnet_architecture(state_dict, RETINANET_PREFIX)
+  except ConversionError:
+    return ResNetArchitecture(depth=50)
 
 
 def is_retinanet(state_dict: StateDict) -> bool:
@@ -460,6 +477,9 @@ def convert_file(in_path: str, out_path: str, *, config_path: str | None = None,
     variables = retinanet_variables(sd, bn_eps=bn_eps)
     num_classes, _ = retinanet_num_classes(sd)
     config = load_config_file(config_path or repo_config_path('torchvision_retinanet_r50'))
+    arch = retinanet_architecture(_rename_legacy(sd))
+    b = config.model.backbone
+    b.depth, b.groups, b.width_per_group, b.base_width = arch.depth, arch.groups, arch.width_per_group, arch.base_width
     if num_classes != config.model.num_classes:
       config.model.num_classes = num_classes
       config.model.category_ids = tuple(range(num_classes))
