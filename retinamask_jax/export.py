@@ -15,6 +15,8 @@ Serving without the model code: `detector.export_serving(path, canvas_hw)` write
 one fixed canvas and batch as a serialized `jax.export` program, with its weights next to it (passed as an
 argument, so the program stays small and the weights are stored once); `load_serving(path)` (or the ten lines of
 `jax.export.deserialize` it wraps) runs it in a process that imports neither this package's models nor flax.
+One artifact serves several platforms (`platforms=('cuda', 'tpu')`, made on any host, e.g. a CPU laptop): each
+platform's compiler gets XLA's convolutions, the CPU its own conv algorithms (`models/layers.py`, "Per platform").
 
 This module imports the data pipeline, ops and models only inside the functions that need them, so that
 `load_serving` stays light.
@@ -175,14 +177,54 @@ class Detector:
       canvas_hw: (H, W); default the landscape test canvas of the config (`data.test_min_size` / `test_max_size`).
       batch_size: images per call (static).
       with_masks: include the mask head (default: when the model has one).
-      platforms: e.g. ('cpu', 'cuda'); default the platform JAX runs on now.
+      platforms: the platforms the program is to serve besides the one JAX runs on now (always included, so the
+        artifact can be tried where it is made), e.g. ('cuda', 'tpu') on a CPU laptop for GPU and TPU servers:
+        one serialized module, each platform's program chosen when it is compiled there. Default: only the
+        platform JAX runs on.
     """
-    from retinamask_jax.data import pipeline as pipeline_lib
-    from retinamask_jax.train.step import make_predict_fn
-
     path = os.path.abspath(path)
     if os.path.exists(os.path.join(path, SERVING_PROGRAM)):
       raise FileExistsError(f'{path}: a serving export is already there')
+    serve, specs, leaves, paths, with_masks, s = self._serving_program(canvas_hw, batch_size, with_masks)
+    (h, w) = specs[1].shape[1:3]
+    exported = jax.export.export(serve, platforms=serving_platforms(platforms))(*specs)
+    os.makedirs(path, exist_ok=True)
+    np.savez(os.path.join(path, SERVING_VARIABLES), **{f'{i:05d}': x for i, x in enumerate(leaves)})
+    metadata = {
+        'canvas_hw': [h, w],
+        'batch_size': int(batch_size),
+        'with_masks': with_masks,
+        'platforms': list(exported.platforms),
+        'inputs': {
+            'weights': f'{len(leaves)} arrays from {SERVING_VARIABLES}, in key order',
+            'images': f'uint8 [{batch_size}, {h}, {w}, 3] RGB, each resized image at the top left',
+            'image_size': f'int32 [{batch_size}, 2] (h, w) of each image on the canvas',
+        },
+        'outputs': sorted(exported.out_tree.unflatten(range(exported.out_tree.num_leaves)).keys()),
+        'resize': {
+            'min_size': s.min_sizes[0],
+            'max_size': s.max_size,
+            'rule': 'scale the short side to min_size, unless the long side would then exceed max_size: then scale '
+                    'the long side to max_size (transforms.resized_hw); PIL bilinear',
+        },
+        'score_threshold': self.score_threshold,
+        'class_names': list(self.class_names),
+        'category_ids': [int(x) for x in self.config.model.category_ids],
+        'variable_paths': paths,
+    }
+    with open(os.path.join(path, SERVING_METADATA), 'w') as f:
+      json.dump(metadata, f, indent=1)
+    # The program last: its presence marks a complete export.
+    with open(os.path.join(path, SERVING_PROGRAM), 'wb') as f:
+      f.write(exported.serialize())
+    return path
+
+  def _serving_program(self, canvas_hw: tuple[int, int] | None, batch_size: int, with_masks: bool | None):
+    """(jitted serve, its argument specs, weight arrays, their key paths, with_masks, eval settings) for
+    `export_serving`; the jitted function can also be lowered for one platform (tests/test_lowering.py)."""
+    from retinamask_jax.data import pipeline as pipeline_lib
+    from retinamask_jax.train.step import make_predict_fn
+
     with_masks = self.with_masks if with_masks is None else bool(with_masks)
     if with_masks and not self.with_masks:
       raise ValueError('with_masks=True but the model has no mask head (model.mask.enabled is False)')
@@ -219,37 +261,7 @@ class Detector:
         jax.ShapeDtypeStruct((batch_size, h, w, 3), jnp.uint8),
         jax.ShapeDtypeStruct((batch_size, 2), jnp.int32),
     )
-    exported = jax.export.export(jax.jit(serve), platforms=platforms)(*specs)
-    os.makedirs(path, exist_ok=True)
-    np.savez(os.path.join(path, SERVING_VARIABLES), **{f'{i:05d}': x for i, x in enumerate(leaves)})
-    metadata = {
-        'canvas_hw': [h, w],
-        'batch_size': int(batch_size),
-        'with_masks': with_masks,
-        'platforms': list(exported.platforms),
-        'inputs': {
-            'weights': f'{len(leaves)} arrays from {SERVING_VARIABLES}, in key order',
-            'images': f'uint8 [{batch_size}, {h}, {w}, 3] RGB, each resized image at the top left',
-            'image_size': f'int32 [{batch_size}, 2] (h, w) of each image on the canvas',
-        },
-        'outputs': sorted(exported.out_tree.unflatten(range(exported.out_tree.num_leaves)).keys()),
-        'resize': {
-            'min_size': s.min_sizes[0],
-            'max_size': s.max_size,
-            'rule': 'scale the short side to min_size, unless the long side would then exceed max_size: then scale '
-                    'the long side to max_size (transforms.resized_hw); PIL bilinear',
-        },
-        'score_threshold': self.score_threshold,
-        'class_names': list(self.class_names),
-        'category_ids': [int(x) for x in self.config.model.category_ids],
-        'variable_paths': paths,
-    }
-    with open(os.path.join(path, SERVING_METADATA), 'w') as f:
-      json.dump(metadata, f, indent=1)
-    # The program last: its presence marks a complete export.
-    with open(os.path.join(path, SERVING_PROGRAM), 'wb') as f:
-      f.write(exported.serialize())
-    return path
+    return jax.jit(serve), specs, leaves, paths, with_masks, s
 
   @classmethod
   def _from_export(cls, path: str) -> Detector:
@@ -429,7 +441,8 @@ class ServingModel:
   `model(images)`: a list of uint8 [h, w, 3] RGB images, each already resized by the rule in `metadata['resize']`
   (h <= H, w <= W of the canvas) -> one dict per image with the valid detections, by score descending: boxes [D, 4]
   (pixels of the given image), scores [D], classes [D] (1..K), and masks [D, S, S] probabilities for the first
-  detections when exported with masks. `model.run(canvases, image_size)` is the raw program.
+  detections when exported with masks. `model.run(canvases, image_size)` is the raw program; `model.platforms` the
+  platforms it serves (it runs on any of them: `jax.export` picks that platform's program when it compiles).
   """
 
   def __init__(self, path: str):
@@ -441,6 +454,11 @@ class ServingModel:
       self.weights = [jnp.asarray(arrays[k]) for k in sorted(arrays.files)]
     self.canvas_hw = tuple(self.metadata['canvas_hw'])
     self.batch_size = int(self.metadata['batch_size'])
+
+  @property
+  def platforms(self) -> tuple[str, ...]:
+    """The platforms this artifact serves, as `jax.export` names them ('cpu', 'cuda', 'rocm', 'tpu')."""
+    return tuple(self.exported.platforms)
 
   def run(self, images: np.ndarray, image_size: np.ndarray) -> dict[str, np.ndarray]:
     """images uint8 [B, H, W, 3] canvases, image_size int32 [B, 2] -> the program's detections, as numpy."""
@@ -469,6 +487,24 @@ class ServingModel:
           result['masks'] = dets['masks'][j][keep[keep < dets['masks'].shape[1]]]
         results.append(result)
     return results
+
+
+SERVING_PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')
+
+
+def serving_platforms(platforms: Sequence[str] | None = None) -> tuple[str, ...]:
+  """The platforms an export serves: the one JAX runs on now, then `platforms` in order, without repeats
+  ('gpu' means 'cuda'). Raises ValueError for a platform `jax.export` cannot lower for."""
+  if isinstance(platforms, str):
+    platforms = (platforms,)
+  out = [jax.export.default_export_platform()]
+  for name in platforms or ():
+    name = {'gpu': 'cuda'}.get(str(name).lower(), str(name).lower())
+    if name not in SERVING_PLATFORMS:
+      raise ValueError(f'unknown platform {name!r}; expected some of {SERVING_PLATFORMS}')
+    if name not in out:
+      out.append(name)
+  return tuple(out)
 
 
 def load_serving(path: str) -> ServingModel:

@@ -141,6 +141,44 @@ def test_serving_export_refuses_bad_arguments(detector, tmp_path):
     maskless.export_serving(str(tmp_path / 'b'), with_masks=True)
 
 
+def test_one_serving_artifact_for_cpu_gpu_and_tpu(detector, tmp_path):
+  """export_serving(platforms=('cuda', 'tpu')) on this CPU host: one artifact for the host's platform and both
+  accelerators; it serves here with the detections of the program it was made from, and its accelerator programs
+  hold one XLA convolution per conv layer and none of the CPU algorithms."""
+  pytest.importorskip('flatbuffers')
+  from test_lowering import assert_portable, conv_applications, op_counts, winograd_matmuls
+
+  from retinamask_jax.export import load_serving, serving_platforms
+
+  host = jax.export.default_export_platform()
+  assert serving_platforms() == (host,)
+  assert serving_platforms(('gpu', 'tpu', host)) == (host, 'cuda', 'tpu')
+  with pytest.raises(ValueError, match='unknown platform'):
+    serving_platforms(('metal',))
+  path = detector.export_serving(str(tmp_path / 'multi'), platforms=('cuda', 'tpu'))
+  model = load_serving(path)
+  assert model.platforms == (host, 'cuda', 'tpu')
+  with open(os.path.join(path, 'serving.json')) as f:
+    assert json.load(f)['platforms'] == [host, 'cuda', 'tpu']
+
+  serve, specs, leaves, *_ = detector._serving_program(None, 1, None)
+  canvas = np.zeros((1, 128, 128, 3), np.uint8)
+  canvas[0, :96] = images()[1]
+  sizes = np.asarray([[96, 128]], np.int32)
+  got, want = model.run(canvas, sizes), jax.device_get(serve(leaves, canvas, sizes))
+  assert want['valid'].sum() >= 10
+  for key in want:
+    np.testing.assert_array_equal(got[key], want[key])
+
+  layers = conv_applications(detector.config, with_masks=True)
+  for platform in ('cuda', 'tpu'):
+    text = serve.trace(*specs).lower(lowering_platforms=(platform,)).as_text()
+    assert_portable(text)
+    ops = op_counts(text)
+    # The deconv of the mask head is its one matmul (layers.ConvTransposeNonOverlapping).
+    assert (ops['stablehlo.convolution'], ops['stablehlo.dot_general'], winograd_matmuls(text)) == (layers, 1, 0)
+
+
 def test_from_checkpoint_reads_params_and_frozen_only(detector, tmp_path, monkeypatch):
   """A train checkpoint (with optimizer state) loads without building an optimizer or a train state."""
   from retinamask_jax.train import loop

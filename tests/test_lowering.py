@@ -263,17 +263,50 @@ def test_cpu_jit_compiles_exactly_the_cpu_algorithms():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('config_name,size', [
-    ('retinamask_r50_fpn_2x_ms', 1344), ('retinamask_x101_32x8d_fpn_2x_ms_gn', 1344),
-])
+@pytest.mark.parametrize('compute_dtype', ['float32', 'bfloat16'])
+@pytest.mark.parametrize('config_name', ['retinamask_r50_fpn_2x_ms', 'retinamask_x101_32x8d_fpn_2x_ms_gn'])
 @pytest.mark.parametrize('program', PROGRAMS)
-def test_real_configs_lower_for_tpu_and_gpu(config_name, size, program):
-  """The paper's configs at the COCO canvas (800 x 1333 images padded to 1344 x 1344 here, square)."""
+def test_real_configs_lower_for_tpu_and_gpu(config_name, program, compute_dtype):
+  """The paper's configs at the COCO canvas: 800 x 1333 images on the landscape canvas 896 x 1408 (multiples of 128;
+  the train step's 2 images per device of the 8-device mesh)."""
   import importlib
 
   c = importlib.import_module(f'configs.{config_name}').get_config()
   c.model.num_classes = 80
   c.model.backbone_init = ''
-  c.data.min_sizes, c.data.max_size = (size,), size
-  c.data.test_min_size = c.data.test_max_size = size
+  c.model.compute_dtype = compute_dtype
+  c.data.min_sizes, c.data.max_size = (800,), 1333
+  c.data.test_min_size, c.data.test_max_size = 800, 1333
   check_program(c, program)
+
+
+@pytest.mark.slow
+def test_accelerator_memory_and_flops_of_the_r50_train_step():
+  """bench/bench_accelerator_memory.py's figures for R-50 RetinaMask at 1024 x 1024, batch 2, float32: the state's
+  bytes equal the parameter count (counted here from the params tree) times 4 (SGD: one momentum copy of the
+  trainable ones), and XLA's FLOPs of the step are 2-4x those of its forward pass alone (the backward pass costs
+  about twice the forward, less for the frozen stem and res2)."""
+  import os
+  import sys
+
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'bench'))
+  import bench_accelerator_memory as bench
+
+  row = bench.measure('retinamask_r50_fpn_2x_ms', 1024, 2, 'float32')
+  c = bench.accelerator_config('retinamask_r50_fpn_2x_ms', 1024, 'float32')
+  prog = train_program(c)
+  variables = jax.eval_shape(lambda r: prog.init_variables(r, (1024, 1024)), jax.random.key(0))
+  sizes = [x.size for x in jax.tree.leaves(variables['params'])]
+  assert row['num_params'] == sum(sizes) and row['params_bytes'] == 4 * sum(sizes)
+  assert 0.5 * row['params_bytes'] < row['opt_state_bytes'] <= row['params_bytes']
+  inference = {k: variables[k] for k in ('params', 'frozen')}
+  # The training forward pass of one image: the detector, and the mask head on its 100 detections + G GT boxes.
+  rois = jax.ShapeDtypeStruct((1, 100 + c.data.max_instances, 14, 14, c.model.fpn.channels), jnp.float32)
+  forward = 0.0
+  for fn, x in ((prog.model.apply, jax.ShapeDtypeStruct((1, 1024, 1024, 3), jnp.float32)),
+                (functools.partial(prog.model.apply, method='mask_logits'), rois)):
+    cost = jax.jit(fn).lower(inference, x).compile().cost_analysis()
+    forward += (cost[0] if isinstance(cost, (list, tuple)) else cost)['flops']
+  assert 2.0 * forward < row['flops_per_image'] < 4.0 * forward, (row['flops_per_image'], forward)
+  # At least the activations the backward pass needs of the stem: [2, 512, 512, 64] float32.
+  assert row['temp_bytes'] > 2 * 512 * 512 * 64 * 4
