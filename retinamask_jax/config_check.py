@@ -26,8 +26,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError naming the first bad key of `config`.
 
   Canvases need no check of their own: `pipeline.train_canvases` rounds every training and test size up to a
-  multiple of 128, so any positive size gives valid canvases; what can be wrong is a size that is not a positive
-  integer.
+  multiple of `data.canvas_multiple` (a multiple of 32), so any positive size gives valid canvases; what can be
+  wrong is a size that is not a positive integer.
   """
   _check_against_defaults(config)
   n = jax.device_count()
@@ -64,11 +64,18 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   need(d.num_workers >= 0, f'data.num_workers must be >= 0, got {d.num_workers}')
   need(config.model.compute_dtype in ('float32', 'bfloat16'),
        f"model.compute_dtype must be 'float32' or 'bfloat16', got {config.model.compute_dtype!r}")
-  canvases = list(pipeline_lib.train_canvases(sizes, d.max_size).values())
-  canvases += [pipeline_lib.test_canvas(d.test_min_size, d.test_max_size, o) for o in pipeline_lib.ORIENTATIONS]
-  # The model's coarsest level (stride 2^max_level <= 128) needs whole cells: a guard on train_canvases itself.
-  need(all(h % 128 == 0 and w % 128 == 0 for h, w in canvases),
-       f'data.min_sizes / data.max_size: canvases {canvases} are not all multiples of 128')
+  need(d.get('resize', 'pil') in ('pil', 'torchvision'),
+       f"data.resize must be 'pil' or 'torchvision', got {d.get('resize')!r}")
+  multiple = d.get('canvas_multiple', 128)
+  # The backbone's stride-2 convs need even sizes down to C5 (stride 32); P6 / P7 round up (torchvision pads to 32).
+  need(_positive_int(multiple) and multiple % 32 == 0,
+       f'data.canvas_multiple must be a positive multiple of 32, got {multiple!r}')
+  canvases = list(pipeline_lib.train_canvases(sizes, d.max_size, multiple).values())
+  canvases += [pipeline_lib.test_canvas(d.test_min_size, d.test_max_size, o, multiple)
+               for o in pipeline_lib.ORIENTATIONS]
+  # A guard on train_canvases itself.
+  need(all(h % multiple == 0 and w % multiple == 0 for h, w in canvases),
+       f'data.min_sizes / data.max_size: canvases {canvases} are not all multiples of {multiple}')
 
 
 def _positive_int(value: Any) -> bool:
