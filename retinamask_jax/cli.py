@@ -1,8 +1,9 @@
 """What the entry points (train.py, eval.py, predict.py) run once flags are parsed.
 
-Expected failures (a bad config or flag, missing data, a checkpoint that does not fit: exit code 2; a non-finite
-loss with train.nonfinite = 'stop': exit code 3) end the process with a one-line reason on stderr; anything else is
-a bug and keeps its traceback. Preemption (SIGTERM/SIGINT) saves a checkpoint and exits with 128 + the signal.
+Expected failures (a bad config or flag, missing data, a checkpoint that does not fit or is damaged (given by
+step), a workdir another run holds: exit code 2; a non-finite loss with train.nonfinite = 'stop': exit code 3; a
+checkpoint that could not be written: exit code 1) end the process with a one-line reason on stderr; anything else
+is a bug and keeps its traceback. Preemption (SIGTERM/SIGINT) saves a checkpoint and exits with 128 + the signal.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from absl import flags
 
 EXIT_USAGE = 2  # the run cannot start: a bad config or flag, missing data, a checkpoint that does not fit
 EXIT_NONFINITE = 3  # a non-finite loss or gradient with train.nonfinite = 'stop'; the last good checkpoint is kept
+EXIT_CHECKPOINT_WRITE = 1  # a checkpoint could not be written (disk full, quota, permissions); earlier ones are intact
 
 # Multi-host (DESIGN.md 6): every process runs the same command; JAX's own runtime connects them.
 _COORDINATOR = flags.DEFINE_string(
@@ -62,29 +64,62 @@ class _OwnInfoOnly(logging.Filter):
     return record.levelno >= logging.WARNING or f'{os.sep}retinamask_jax{os.sep}' in record.pathname
 
 
+class _NoBackgroundTracebacks(logging.Filter):
+  """Drops the tracebacks Orbax's background threads and asyncio log when a checkpoint write or read fails: the
+  failure reaches the user as one line (`error: checkpoint ... could not be written`, `warning: checkpoint ... is
+  damaged`), and the same traceback otherwise comes a dozen times."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.name == 'asyncio' and record.levelno >= logging.ERROR:  # "Task exception was never retrieved"
+      return False
+    return not (record.exc_info and f'{os.sep}orbax{os.sep}' in record.pathname)
+
+
+def _drop_event_loop_closed(unraisable: Any, default: Callable[[Any], None] = sys.unraisablehook) -> None:
+  """sys.unraisablehook without TensorStore's callbacks into the event loop of an Orbax write that already failed
+  ("RuntimeError: Event loop is closed", one per array still in flight)."""
+  if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == 'Event loop is closed':
+    return
+  default(unraisable)
+
+
 def _quiet_libraries() -> None:
   if 'verbosity' in flags.FLAGS and flags.FLAGS['verbosity'].present:
     return  # the user asked for a level: give them everything at it
   for handler in logging.getLogger('absl').handlers + logging.getLogger().handlers:
     handler.addFilter(_OwnInfoOnly())
+    handler.addFilter(_NoBackgroundTracebacks())
+  sys.unraisablehook = _drop_event_loop_closed
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
   from retinamask_jax.config_check import ConfigError
   from retinamask_jax.data.transforms import DataError
-  from retinamask_jax.train.checkpoint import ShapeMismatchError
+  from retinamask_jax.train.checkpoint import DamagedCheckpointError, ShapeMismatchError
   from retinamask_jax.train.nonfinite import NonFiniteError
+  from retinamask_jax.train.workdir import WorkdirBusyError
 
-  return (ConfigError, ShapeMismatchError, DataError, FileNotFoundError, _UsageError, NonFiniteError)
+  return (ConfigError, ShapeMismatchError, DataError, FileNotFoundError, _UsageError, NonFiniteError,
+          DamagedCheckpointError, WorkdirBusyError)
 
 
 def run(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-  """Calls fn; an expected failure becomes `error: <reason>` on stderr and exit code 2."""
+  """Calls fn; an expected failure becomes `error: <reason>` on stderr and exit code 2 (3: non-finite stop, 1: a
+  checkpoint that could not be written)."""
+  from retinamask_jax.train.checkpoint import CheckpointWriteError
+
   _quiet_libraries()
   try:
     if flags.FLAGS.is_parsed():
       _initialize_distributed()
     return fn(*args, **kwargs)
+  except CheckpointWriteError as e:
+    print(f'error: {e}', file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    # Not sys.exit: Orbax's writes of the failed step are still in flight in its threads, and the interpreter's
+    # shutdown would print their tracebacks after this line. The earlier checkpoints are finalized on disk, the
+    # logs closed (train loop), and the kernel releases the workdir lock.
+    os._exit(EXIT_CHECKPOINT_WRITE)
   except _expected_errors() as e:
     from retinamask_jax.train.nonfinite import NonFiniteError
 
@@ -130,11 +165,22 @@ def _print_metrics(metrics: dict[str, float]) -> None:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  from retinamask_jax.train import loop
+  from retinamask_jax.train.workdir import WorkdirLock
 
-  metrics = loop.train_and_evaluate(config, workdir)
+  # A workdir that exists may be a live run's: refuse at once, before seconds of imports and device setup. (A new
+  # one is locked by train_and_evaluate after the config is validated, so that a bad config leaves nothing behind;
+  # in multi-process runs only process 0 holds it, and which process this is is known once JAX is connected.)
+  with WorkdirLock(workdir, enabled=os.path.isdir(workdir) and not _multi_process()):
+    from retinamask_jax.train import loop
+
+    metrics = loop.train_and_evaluate(config, workdir)
   _print_metrics(metrics)
   return metrics
+
+
+def _multi_process() -> bool:
+  explicit = _NUM_PROCESSES.value if flags.FLAGS.is_parsed() else None
+  return (explicit or 1) > 1 or auto_detected_cluster(dict(os.environ))
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None = None) -> dict[str, float]:

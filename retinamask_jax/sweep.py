@@ -527,10 +527,16 @@ def main(argv: Sequence[str]) -> None:
   f = flags.FLAGS
 
   def sweep():
+    import jax
+
+    from retinamask_jax.train.workdir import WorkdirLock
+
     config = f['config'].value
     grids, seeds, labels = resolve_spec(config, f.grid, f.seeds)
-    return run_sweep(config, f.workdir, grids, seeds, vmap=f.vmap, sweep_devices=f.sweep_devices,
-                     labels=labels, title=config.sweep.title)
+    # One writer per sweep directory (issue 22): a second sweep on it stops here, naming the first.
+    with WorkdirLock(f.workdir, enabled=jax.process_index() == 0, what='sweep'):
+      return run_sweep(config, f.workdir, grids, seeds, vmap=f.vmap, sweep_devices=f.sweep_devices,
+                       labels=labels, title=config.sweep.title)
 
   cli.run(sweep)
 

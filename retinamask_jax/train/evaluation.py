@@ -3,6 +3,7 @@ sample predictions, and `evaluate_checkpoint` (what `eval.py` runs)."""
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -17,6 +18,7 @@ from retinamask_jax.data import pipeline as pipeline_lib
 from retinamask_jax.evaluation import coco_eval
 from retinamask_jax.models import retinamask as retinamask_lib
 from retinamask_jax.train import sharding
+from retinamask_jax.train import workdir as workdir_lib
 from retinamask_jax.train.checkpoint import Checkpointer
 from retinamask_jax.train.datasets import prepare_datasets, resolve_classes
 from retinamask_jax.train.metrics_writer import ProgressBar
@@ -81,7 +83,11 @@ def write_sample_predictions(
 def evaluate_checkpoint(
     config: ml_collections.ConfigDict, workdir: str, step: int | None = None
 ) -> dict[str, float]:
-  """Evaluate a checkpoint of `<workdir>/checkpoints` (default: the latest) on the validation data."""
+  """Evaluate a checkpoint of `<workdir>/checkpoints` on the validation data.
+
+  Default: the newest one that restores (a damaged newer one is named on stderr and skipped, not moved: a training
+  run may be using the directory). A damaged `step` given explicitly raises DamagedCheckpointError.
+  """
   workdir = os.path.abspath(workdir)
   validate_config(config)
   train_ds, val_ds = prepare_datasets(config, workdir)
@@ -94,7 +100,16 @@ def evaluate_checkpoint(
   checkpointer = Checkpointer(os.path.join(workdir, 'checkpoints'), keep=config.checkpoint.keep)
   if checkpointer.latest_step() is None:
     raise ConfigError(f'no checkpoint in {checkpointer.directory}')
-  state, _ = checkpointer.restore(state, step=step, sharding=sharding.replicated(mesh))
+  replicated = sharding.replicated(mesh)
+  if step is not None:
+    state, _ = checkpointer.restore(state, step=step, sharding=replicated)
+  else:
+    found = workdir_lib.restore_newest_intact(
+        checkpointer.all_steps(), lambda s: checkpointer.restore(state, step=s, sharding=replicated),
+        functools.partial(workdir_lib.report_damaged, doing='evaluating'))
+    if found is None:
+      raise FileNotFoundError(f'no checkpoint in {checkpointer.directory} restores (each one named above)')
+    state = found[1][0]
   checkpointer.close()
   step = int(state.step)
   metrics = run_evaluation(config, model, state.variables, val_ds,

@@ -19,6 +19,7 @@ The names other modules and tests import from here are re-exported below.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -36,7 +37,8 @@ from retinamask_jax.data import pipeline as pipeline_lib
 from retinamask_jax.evaluation import plots
 from retinamask_jax.hparams import HParams
 from retinamask_jax.train import sharding
-from retinamask_jax.train.checkpoint import Checkpointer
+from retinamask_jax.train import workdir as workdir_lib
+from retinamask_jax.train.checkpoint import Checkpointer, CheckpointWriteError, DamagedCheckpointError
 from retinamask_jax.train.datasets import DataProblemReport, prepare_datasets, resolve_classes
 from retinamask_jax.train.evaluation import evaluate_checkpoint, run_evaluation, write_sample_predictions
 from retinamask_jax.train.metrics_writer import MetricsWriter, ProgressBar
@@ -52,6 +54,7 @@ from retinamask_jax.train.programs import (
     train_program,
 )
 from retinamask_jax.train.sharding import make_mesh
+from retinamask_jax.train.workdir import WorkdirLock
 
 # Names importers use from here (sweep.py, cli.py, tests, bench/), kept after the split into modules.
 _Preemption = Preemption
@@ -69,28 +72,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """Train to `train.num_steps` (resuming from `<workdir>/checkpoints/`), then evaluate. Returns eval metrics."""
   workdir = os.path.abspath(workdir)
   validate_config(config)
-  train_ds, val_ds = prepare_datasets(config, workdir)
-  resolve_classes(config, train_ds)
-  logging.info('training data: %d images, %d classes', len(train_ds.records), config.model.num_classes)
+  with WorkdirLock(workdir, enabled=jax.process_index() == 0):  # one writer per workdir: a second run stops here
+    train_ds, val_ds = prepare_datasets(config, workdir)
+    resolve_classes(config, train_ds)
+    logging.info('training data: %d images, %d classes', len(train_ds.records), config.model.num_classes)
 
-  run = _Run.start(config, workdir, val_ds)
-  state, data_state = run.restore_or_init()
-  start_step = _steps_taken(state, data_state)
-  run.forget_metrics_after(start_step, resumed=bool(data_state))
-  run.open_progress(train_ds, start_step, data_state)
+    run = _Run.start(config, workdir, val_ds)
+    state, data_state = run.restore_newest_intact()
+    start_step = _steps_taken(state, data_state)
+    run.forget_metrics_after(start_step, resumed=bool(data_state))
+    run.open_progress(train_ds, start_step, data_state)
 
-  with Preemption() as preemption:
-    state, step = _train(run, state, start_step, _train_batches(run, train_ds, data_state, start_step), preemption)
-    if preemption.signum is None:
-      run.checkpointer.wait()  # the final save; a signal now still ends the run cleanly, below
-    if preemption.signum is not None:
-      _stop_for_signal(run, state, step, preemption.signum)
-  run.bar.close()
+    with Preemption() as preemption:
+      state, step = _train(run, state, start_step, _train_batches(run, train_ds, data_state, start_step), preemption)
+      if preemption.signum is None:
+        run.wait_for_saves()  # the final save; a signal now still ends the run cleanly, below
+      if preemption.signum is not None:
+        _stop_for_signal(run, state, step, preemption.signum)
+    run.bar.close()
 
-  final = _final_evaluation(run, state, step, start_step, val_ds)
-  run.problems.report()
-  run.close()
-  return final
+    final = _final_evaluation(run, state, step, start_step, val_ds)
+    run.problems.report()
+    run.close()
+    return final
 
 
 # ------------------------------------------------------------------------------------------------ one session
@@ -123,16 +127,32 @@ class _Run:
         writer=MetricsWriter(workdir, enabled=is_main), val_ds=val_ds, is_main=is_main,
     )
 
-  def restore_or_init(self) -> tuple[Any, dict[str, Any]]:
-    """The latest checkpoint's state and data position, or a fresh state and {} when there is none."""
+  def restore_newest_intact(self) -> tuple[Any, dict[str, Any]]:
+    """The newest checkpoint that restores (state, data position), damaged newer ones set aside; a fresh state and
+    {} when there is none."""
     replicated = sharding.replicated(self.mesh)
     state = self.program.create_state(self.config, jax.random.key(self.config.seed))
     data_state: dict[str, Any] = {}
-    if self.checkpointer.latest_step() is not None:
-      state, data_state = self.checkpointer.restore(state, sharding=replicated)
+    found = workdir_lib.restore_newest_intact(
+        self.checkpointer.all_steps(),
+        lambda step: self.checkpointer.restore(state, step=step, sharding=replicated),
+        self._set_aside)
+    if found is not None:
+      state, data_state = found[1]
       # The config is the source of truth for the traced knobs (a resumed sweep point keeps its own values).
       state = state.replace(hparams=HParams.from_config(self.config))
     return jax.device_put(state, replicated), data_state
+
+  def _set_aside(self, error: DamagedCheckpointError, next_step: int | None) -> None:
+    """Renames a damaged checkpoint aside (process 0; the others list the steps again once it has) and says so."""
+    path = self.checkpointer.set_aside(error.step) if self.is_main else None
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+
+      multihost_utils.sync_global_devices(f'checkpoint {error.step} set aside')
+      self.checkpointer.reload()
+    if self.is_main:
+      workdir_lib.report_damaged(error, next_step, set_aside_as=path)
 
   def forget_metrics_after(self, start_step: int, resumed: bool) -> None:
     """Drops metrics.jsonl lines after `start_step`: each logged step appears once however often a run restarts."""
@@ -154,8 +174,26 @@ class _Run:
                                       sharding.replicated(self.mesh), self.checkpointer, close=self.close)
 
   def save(self, state: Any, step: int) -> None:
+    """Starts an asynchronous save of `step`; CheckpointWriteError when it (or the save in flight) fails."""
     skipped = self.nonfinite.total()
-    self.checkpointer.save(step, state, {'step': step, 'next_index': step, 'nonfinite_steps': skipped}, self.config)
+    with self._closing_logs_on(CheckpointWriteError):
+      self.checkpointer.save(step, state, {'step': step, 'next_index': step, 'nonfinite_steps': skipped},
+                             self.config)
+
+  def wait_for_saves(self) -> None:
+    with self._closing_logs_on(CheckpointWriteError):
+      self.checkpointer.wait()
+
+  @contextlib.contextmanager
+  def _closing_logs_on(self, error: type[Exception]):
+    """The logs are flushed and closed when `error` ends the run (the checkpointer cannot be closed then)."""
+    try:
+      yield
+    except error:
+      self.writer.close()
+      if self.bar is not None:
+        self.bar.close()
+      raise
 
   def wall_seconds(self) -> float:
     """Seconds of this run so far (all sessions; compilation and evaluations included)."""
@@ -220,7 +258,7 @@ def _train(
     if step % c.checkpoint.every_steps == 0 or step == num_steps:
       run.save(state, step)
     if c.eval.every_steps and step % c.eval.every_steps == 0 and step < num_steps and run.val_ds:
-      run.checkpointer.wait()
+      run.wait_for_saves()
       run.evaluate(state, step)
     if preemption.signum is not None:
       break
