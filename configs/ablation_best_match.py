@@ -15,4 +15,6 @@ def get_config(scale: str = 'shapes') -> ml_collections.ConfigDict:
   c = ablation_base.get_config(scale)
   c.sweep.title = 'Table 1: best-matching threshold'
   c.sweep.grid = ('matching.best_match_threshold=0.5,0.4,0.3,0.2,0.0',)
+  if scale == 'shapes':
+    c.sweep.class_columns = ('bar',)  # the thin class: the case best matching is for
   return c

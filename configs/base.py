@@ -207,4 +207,5 @@ def get_config() -> ml_collections.ConfigDict:
   c.sweep.grid = ()  # --grid specs, e.g. ('matching.best_match_threshold=0.5,0.4',)
   c.sweep.labels = ()  # one row label per grid point (the paper's row names); () = the grid values
   c.sweep.seeds = 1
+  c.sweep.class_columns = ()  # category names whose per-class AP gets columns in sweep.md, e.g. ('bar',)
   return c

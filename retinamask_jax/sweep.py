@@ -395,6 +395,7 @@ def run_sweep(
     sweep_devices: int = 1,
     labels: Sequence[str] = (),
     title: str = '',
+    class_columns: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
   """Train and evaluate every run of the sweep that has not finished; write sweep.json and sweep.md.
 
@@ -402,7 +403,8 @@ def run_sweep(
   (fractions, as COCOeval prints them), mode, train_seconds (a vmapped run's share of its program's time),
   eval_seconds, runs_in_program and train_step_compilations (new compilations this run caused; a vmapped
   program's are counted on its first run), and `label` when `labels` name the grid's points (the table's first
-  column; `title` heads sweep.md).
+  column; `title` heads sweep.md). `class_columns` names categories whose per-class AP gets columns in sweep.md
+  (every row keeps all of them in sweep.json either way).
   """
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
@@ -440,7 +442,7 @@ def run_sweep(
   keys = [k for g in grids for k in g.keys]
   with open(os.path.join(workdir, 'sweep.json'), 'w') as f:
     json.dump(ordered, f, indent=1)
-  table = markdown_table(ordered, keys)
+  table = markdown_table(ordered, keys, class_columns)
   if title:
     table = f'## {title}\n\n{table}'
   with open(os.path.join(workdir, 'sweep.md'), 'w') as f:
@@ -475,10 +477,10 @@ def _cell(values: list[float]) -> str:
   return f'{np.mean(values):.1f} ± {np.std(values, ddof=1):.1f}'
 
 
-def markdown_table(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> str:
+def markdown_table(rows: Sequence[dict[str, Any]], keys: Sequence[str], classes: Sequence[str] = ()) -> str:
   """The paper's table format: one line per grid point, AP / AP50 / AP75 / APs / APm / APl for box (and mask),
-  mean ± sample std over the seeds, then the number of seeds and the mean train time. Rows with a `label`
-  (the paper's row names) show it in a first column."""
+  then the per-class AP of each of `classes` (box, and mask), mean ± sample std over the seeds, then the number of
+  seeds and the mean train time. Rows with a `label` (the paper's row names) show it in a first column."""
   points: dict[str, list[dict[str, Any]]] = {}
   for row in rows:
     points.setdefault(json.dumps([row['overrides'].get(k) for k in keys], default=repr), []).append(row)
@@ -486,13 +488,14 @@ def markdown_table(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> str:
   short = [k.split('.')[-1] for k in keys]
   labelled = any('label' in r for r in rows)
   header = (['setting'] if labelled else []) + short
-  header += [f'{"box" if kind == "bbox" else "mask"} {m}' for kind in kinds for m in METRICS]
+  columns = [(kind, m) for kind in kinds for m in METRICS] + [(kind, f'AP-{c}') for c in classes for kind in kinds]
+  header += [f'{"box" if kind == "bbox" else "mask"} {m}' for kind, m in columns]
   header += ['seeds', 'train s']
   lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
   for group in points.values():
     cells = [group[0].get('label', '')] if labelled else []
     cells += [_format(group[0]['overrides'].get(k)) for k in keys]
-    cells += [_cell([r[f'{kind}/{m}'] for r in group if f'{kind}/{m}' in r]) for kind in kinds for m in METRICS]
+    cells += [_cell([r[f'{kind}/{m}'] for r in group if f'{kind}/{m}' in r]) for kind, m in columns]
     cells += [str(len(group)), f'{np.mean([r["train_seconds"] for r in group]):.0f}']
     lines.append('| ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines) + '\n'
@@ -536,7 +539,7 @@ def main(argv: Sequence[str]) -> None:
     # One writer per sweep directory (issue 22): a second sweep on it stops here, naming the first.
     with WorkdirLock(f.workdir, enabled=jax.process_index() == 0, what='sweep'):
       return run_sweep(config, f.workdir, grids, seeds, vmap=f.vmap, sweep_devices=f.sweep_devices,
-                       labels=labels, title=config.sweep.title)
+                       labels=labels, title=config.sweep.title, class_columns=tuple(config.sweep.class_columns))
 
   cli.run(sweep)
 

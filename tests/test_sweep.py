@@ -83,6 +83,10 @@ def test_rows_keep_per_category_ap_and_none_for_no_objects():
   row = sweep._row(run, {'bbox/AP': 0.3, 'bbox/APl': None, 'bbox/AP-bar': 0.125, 'eval_seconds': 2.0})
   assert row['bbox/AP-bar'] == 0.125 and row['bbox/APl'] is None and 'eval_seconds' not in row
   assert sweep._cell([None, None]) == '-' and sweep._cell([0.3, None, 0.32]) == '31.0 ± 1.4'
+  rows = [dict(row, train_seconds=1.0), dict(row, train_seconds=3.0, **{'bbox/AP-bar': 0.175})]
+  lines = sweep.markdown_table(rows, ['a.t'], classes=['bar']).splitlines()
+  assert lines[0].endswith('| box APl | box AP-bar | seeds | train s |')
+  assert lines[2] == '| 0.5 | 30.0 ± 0.0 | - | - | - | - | - | 15.0 ± 3.5 | 2 | 2 |'
 
 def _sweep_config():
   c = tiny.get_config()
