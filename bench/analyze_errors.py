@@ -121,6 +121,40 @@ def instance_table(data: dict) -> list[dict]:
   return rows
 
 
+def add_contrast(instances: list[dict], data: dict, images_dir: str) -> None:
+  """Adds 'contrast' to each instance: the distance (RGB, 0-255) between the mean colour of its visible pixels
+  and the mean colour of the pixels in a 3-px band around them that belong to no instance (the background it
+  stands on); None when no such band pixels exist."""
+  from PIL import Image
+  from scipy import ndimage
+
+  images = {im['id']: im for im in data['images']}
+  anns = {a['id']: a for a in data['annotations']}
+  by_image: dict[int, list] = {}
+  for inst in instances:
+    by_image.setdefault(inst['image_id'], []).append(inst)
+  for image_id, insts in by_image.items():
+    im = images[image_id]
+    h, w = im['height'], im['width']
+    pixels = np.asarray(Image.open(os.path.join(images_dir, im['file_name'])).convert('RGB'), np.float32)
+    masks = {}
+    for a in data['annotations']:
+      if a['image_id'] == image_id:
+        seg = a['segmentation']
+        rle = mask_utils.frPyObjects(seg, h, w) if isinstance(seg, list) or isinstance(seg['counts'], list) else \
+            dict(seg, counts=seg['counts'].encode())
+        m = mask_utils.decode(rle)
+        masks[a['id']] = (m.max(-1) if m.ndim == 3 else m).astype(bool)
+    anything = np.zeros((h, w), bool)
+    for m in masks.values():
+      anything |= m
+    for inst in insts:
+      m = masks[anns[inst['id']]['id']]
+      band = ndimage.binary_dilation(m, iterations=3) & ~anything
+      inst['contrast'] = (float(np.linalg.norm(pixels[m].mean(0) - pixels[band].mean(0)))
+                          if band.any() and m.any() else None)
+
+
 def recall_table(instances: list[dict], results: list, iou_thr: float = 0.5) -> list[dict]:
   """Adds 'found' (a same-class detection with IoU >= iou_thr among the image's results) and 'found_any' (any
   class) to each instance."""
@@ -191,7 +225,7 @@ def _fmt(v) -> str:
   return '-' if v is None else f'{v:.1f}'
 
 
-def analyze(gt_path: str, results_dir: str, score: float) -> dict:
+def analyze(gt_path: str, results_dir: str, score: float, images_dir: str | None = None) -> dict:
   with open(gt_path) as f:
     data = json.load(f)
   gt = load_gt(data)
@@ -204,6 +238,9 @@ def analyze(gt_path: str, results_dir: str, score: float) -> dict:
         results[kind] = json.load(f)
   report: dict = {'gt': gt_path, 'results': results_dir}
   instances = recall_table(instance_table(data), results['bbox'])
+  images_dir = images_dir or os.path.join(os.path.dirname(gt_path), 'images')
+  if os.path.isdir(images_dir):
+    add_contrast(instances, data, images_dir)
   sizes = np.array([i['size'] for i in instances])
   report['instances'] = {
       'total': len(instances), 'images': len(data['images']),
@@ -235,6 +272,12 @@ def analyze(gt_path: str, results_dir: str, score: float) -> dict:
       'occluded, 32-96 px': recall(i for i in instances if i['occlusion'] == 'occluded' and 32 <= i['size'] < 96),
       'whole, 32-96 px': recall(i for i in instances if i['occlusion'] == 'whole' and 32 <= i['size'] < 96),
   }
+  if any(i.get('contrast') is not None for i in instances):
+    for name, lo, hi in (('< 20', 0, 20), ('20-40', 20, 40), ('40-80', 40, 80), ('>= 80', 80, 1e9)):
+      report['recall'][f'contrast to surrounding background {name}'] = recall(
+          i for i in instances if i.get('contrast') is not None and lo <= i['contrast'] < hi)
+      report['recall'][f'contrast {name}, >= 16 px'] = recall(
+          i for i in instances if i.get('contrast') is not None and lo <= i['contrast'] < hi and i['size'] >= 16)
   kinds = background_kinds(data)
   if kinds:
     report['by_background'] = {}
