@@ -1,16 +1,18 @@
 """What an accelerator user asks first, estimated on a CPU host: the R-50 RetinaMask train step's memory and FLOPs.
 
-  python bench/bench_accelerator_memory.py [--config retinamask_r50_fpn_2x_ms] [--size 1024] [--batch 2]
+  python bench/bench_accelerator_memory.py [--config retinamask_r50_fpn_2x_ms] [--size 1024] [--batches 1,2,4,8]
       [--dtypes float32,bfloat16] [--out bench/results/accelerator_memory.json]
 
-Per compute dtype, for the train step of one device (batch `--batch` per device, `--size` x `--size` canvas, 80
-classes, the config's SGD with momentum; under data parallelism every device runs this program on its share of
-the batch, plus the gradient all-reduce):
+Per compute dtype and batch, for the train step of one device (each of `--batches` images per device, `--size` x
+`--size` canvas, 80 classes, the config's SGD with momentum; under data parallelism every device runs this
+program on its share of the batch, plus the gradient all-reduce):
 - params_bytes, frozen_bytes: the model's variables (float32 whatever the compute dtype), summed leaf by leaf;
 - opt_state_bytes: the optimizer state (SGD momentum: one float32 copy of the trainable parameters);
 - temp_bytes: XLA's temporary buffers of the compiled program (`compiled.memory_analysis().temp_size_in_bytes`),
   the activations the backward pass keeps plus scratch; argument_bytes / output_bytes / alias_bytes beside it;
-- flops_per_image: XLA's cost analysis of the compiled step (a multiply-add counts 2) / batch.
+- flops_per_image: XLA's cost analysis of the compiled step (a multiply-add counts 2) / batch;
+- device_bytes: argument_bytes + temp_bytes + output_bytes - alias_bytes (the donated state is updated in place):
+  what the program needs resident at its peak, by XLA:CPU's buffer assignment.
 
 Measured platform: the CPU (no accelerator was available). The program compiled is the one GPUs and TPUs get:
 the model with every CPU algorithm forced off (`model.winograd='off'`, `conv_kernel_grad='xla'`,
@@ -29,6 +31,7 @@ import importlib
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from typing import Any
@@ -92,6 +95,8 @@ def measure(config_name: str = 'retinamask_r50_fpn_2x_ms', size: int = 1024, bat
       opt_state_bytes=tree_bytes(state.opt_state), num_params=int(sum(x.size for x in jax.tree.leaves(state.params))),
       temp_bytes=int(memory.temp_size_in_bytes), argument_bytes=int(memory.argument_size_in_bytes),
       output_bytes=int(memory.output_size_in_bytes), alias_bytes=int(memory.alias_size_in_bytes),
+      device_bytes=int(memory.argument_size_in_bytes + memory.temp_size_in_bytes + memory.output_size_in_bytes
+                       - memory.alias_size_in_bytes),
       flops_per_image=float(cost['flops']) / batch, lower_s=round(t1 - t0, 1), compile_s=round(t2 - t1, 1),
   )
 
@@ -100,21 +105,24 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--config', default='retinamask_r50_fpn_2x_ms')
   parser.add_argument('--size', type=int, default=1024)
-  parser.add_argument('--batch', type=int, default=2, help='images per device')
+  parser.add_argument('--batches', default='1,2,4,8', help='images per device, comma-separated')
   parser.add_argument('--dtypes', default='float32,bfloat16')
   parser.add_argument('--out', default=os.path.join(ROOT, 'bench', 'results', 'accelerator_memory.json'))
   args = parser.parse_args()
   rows = []
-  for dtype in args.dtypes.split(','):
-    row = measure(args.config, args.size, args.batch, dtype)
+  for dtype, batch in [(d, int(b)) for d in args.dtypes.split(',') for b in args.batches.split(',')]:
+    row = measure(args.config, args.size, batch, dtype)
     gib = 2.0 ** 30
-    print(f"{dtype}: params {row['params_bytes'] / gib:.3f} GiB, opt state {row['opt_state_bytes'] / gib:.3f} GiB, "
+    print(f"{dtype} batch {batch}: device {row['device_bytes'] / gib:.2f} GiB, params "
+          f"{row['params_bytes'] / gib:.3f} GiB, opt state {row['opt_state_bytes'] / gib:.3f} GiB, "
           f"temp {row['temp_bytes'] / gib:.2f} GiB, {row['flops_per_image'] / 1e12:.3f} TFLOP/image "
           f"(lower {row['lower_s']} s, compile {row['compile_s']} s)", flush=True)
     rows.append(row)
   result = dict(
       command='python bench/bench_accelerator_memory.py ' + ' '.join(sys.argv[1:]),
       date=datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d'),
+      commit=subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip(),
       measured_on=f'{jax.default_backend()} ({platform.processor() or platform.machine()}, {os.cpu_count()} cores), '
                   f'jax {jax.__version__}',
       program='single-device train step, every CPU algorithm off (the convolutions GPUs and TPUs get)',
