@@ -97,6 +97,4 @@ class DataProblemReport:
     info = '; '.join(f'{where}: ' + ', '.join(f'{k}={v}' for k, v in sorted(counts.items()))
                      for where, counts in notes.items() if counts)
     if info and self.enabled:
-      line = f'data (information): {info} (crowd regions are not trained on, as in detectron2)'
-      logging.info(line)
-      print(line, flush=True)
+      print(f'data (information): {info} (crowd regions are not trained on, as in detectron2)', flush=True)
