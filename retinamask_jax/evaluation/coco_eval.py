@@ -2,9 +2,10 @@
 
 Inference is one jitted function per canvas (`train.step.make_predict_fn`); this module does the host side:
 mapping detections from canvas pixels back to original image coordinates, pasting masks and RLE-encoding them,
-writing the results files and running COCOeval, with per-category AP as detectron2 reports it. Box results keep all `postprocess.max_detections` (100) boxes per
-image; mask results cover the top `mask.num_masks_test` (50). (The authors' MASK_ON evaluation scored boxes on the
-50 masked detections only; scoring 100 boxes is what their separate bbox-only run reports.)
+writing the results files and running COCOeval, with per-category AP as detectron2 reports it. Box results keep
+all `postprocess.max_detections` (100) boxes per image; mask results cover the top `mask.num_masks_test` (50). (The
+authors' MASK_ON evaluation scored boxes on the 50 masked detections only; scoring 100 boxes is what their separate
+bbox-only run reports.)
 """
 
 from __future__ import annotations
