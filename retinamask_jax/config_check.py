@@ -27,7 +27,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
   Canvases need no check of their own: `pipeline.train_canvases` rounds every training and test size up to a
   multiple of `data.canvas_multiple` (a multiple of 32), so any positive size gives valid canvases; what can be
-  wrong is a size that is not a positive integer.
+  wrong is a size that is not a positive integer. `eval.batch_size` may be any positive number: evaluation pads
+  each batch with blank rows up to a multiple of the device count.
   """
   _check_against_defaults(config)
   n = jax.device_count()
@@ -50,10 +51,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   need(config.checkpoint.every_steps >= 1, f'checkpoint.every_steps must be >= 1, got {config.checkpoint.every_steps}')
   need(config.checkpoint.keep >= 1, f'checkpoint.keep must be >= 1, got {config.checkpoint.keep}')
   need(config.eval.batch_size >= 1, f'eval.batch_size must be >= 1, got {config.eval.batch_size}')
-  need(config.eval.batch_size % n == 0,
-       f'eval.batch_size = {config.eval.batch_size} is not divisible by the {n} devices')
-  need(config.eval.batch_size % jax.process_count() == 0,
-       f'eval.batch_size = {config.eval.batch_size} is not divisible by the {jax.process_count()} processes')
+  # eval.batch_size need not divide the device count: evaluation pads its batches up (train.evaluation).
   sizes = tuple(d.min_sizes) if isinstance(d.min_sizes, (tuple, list)) else ()
   need(len(sizes) > 0 and all(_positive_int(v) for v in sizes),
        f'data.min_sizes must be a non-empty sequence of positive integers, got {d.min_sizes!r}')

@@ -87,16 +87,29 @@ class Detector:
   def from_checkpoint(cls, path: str, step: int | None = None) -> Detector:
     """Loads a checkpoint written by train.py.
 
+    Without a step, the newest checkpoint that restores: a damaged newer one (truncated or missing array files,
+    unreadable metadata) is named on stderr and skipped, not moved (a training run may be using the directory).
+
     Args:
       path: a workdir (its `checkpoints/` is used), a checkpoints directory, or one step's directory.
       step: which step (default: the one in `path` if it names a step, else the latest).
     Raises:
-      FileNotFoundError: no checkpoint there.
+      FileNotFoundError: no checkpoint there (or none that restores).
+      DamagedCheckpointError: the step asked for (by `step` or `path`) is damaged.
     """
+    import functools
+
     import orbax.checkpoint as ocp
 
     from retinamask_jax.models import retinamask as retinamask_lib
-    from retinamask_jax.train.checkpoint import Checkpointer, check_compatible
+    from retinamask_jax.train import workdir as workdir_lib
+    from retinamask_jax.train.checkpoint import (
+        Checkpointer,
+        DamagedCheckpointError,
+        ShapeMismatchError,
+        check_compatible,
+        failure_reason,
+    )
 
     if os.path.exists(os.path.join(path, EXPORT_CONFIG)):
       return cls._from_export(path)
@@ -104,30 +117,51 @@ class Detector:
     step = path_step if step is None else step
     checkpointer = Checkpointer(directory, async_save=False)
     try:
-      step = checkpointer.latest_step() if step is None else step
-      if step is None:
-        raise FileNotFoundError(f'{directory}: no checkpoint (train.py writes them under <workdir>/checkpoints)')
-      config_file = os.path.join(directory, str(step), 'config', 'metadata')
-      if not os.path.exists(config_file):
-        raise FileNotFoundError(f'{directory}: step {step} has no saved config ({config_file})')
-      with open(config_file) as f:
-        config = ml_collections.ConfigDict(json.load(f))
+      steps = checkpointer.all_steps()
     finally:
       checkpointer.close()
-    model, init_variables = retinamask_lib.build_model(config)
-    # Only the inference variables are read (Orbax partial restore): no optimizer is built, no optimizer state read.
-    target = _abstract_inference_variables(init_variables)
-    location = os.path.join(directory, str(step), 'state')
-    with ocp.PyTreeCheckpointer() as checkpointer:
-      saved = checkpointer.metadata(location).item_metadata
-      check_compatible({k: saved[k] for k in target if k in saved}, target, location)
-      variables = checkpointer.restore(
-          location,
-          args=ocp.args.PyTreeRestore(
-              item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
-          ),
-      )
-    return cls(model, config, variables)
+    if not steps:
+      raise FileNotFoundError(f'{directory}: no checkpoint (train.py writes them under <workdir>/checkpoints)')
+    if step is not None and step not in steps:
+      raise FileNotFoundError(f'{directory}: no checkpoint step {step} (steps: {sorted(steps)})')
+
+    def load(step: int) -> Detector:
+      # Whatever the damage, Orbax, TensorStore and json raise their own types: each becomes DamagedCheckpointError.
+      try:
+        with open(os.path.join(directory, str(step), 'config', 'metadata')) as f:
+          config = ml_collections.ConfigDict(json.load(f))
+      except Exception as e:
+        raise DamagedCheckpointError(directory, step, failure_reason(e)) from e
+      model, init_variables = retinamask_lib.build_model(config)
+      # Only the inference variables are read (Orbax partial restore): no optimizer is built, no optimizer state read.
+      target = _abstract_inference_variables(init_variables)
+      location = os.path.join(directory, str(step), 'state')
+      try:
+        with ocp.PyTreeCheckpointer() as reader:
+          saved = reader.metadata(location).item_metadata
+          if saved is None:  # Orbax logs the reason and returns None
+            raise ValueError('its metadata (state/_METADATA) cannot be read')
+          check_compatible({k: saved[k] for k in target if k in saved}, target, location)
+          variables = reader.restore(
+              location,
+              args=ocp.args.PyTreeRestore(
+                  item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                  partial_restore=True,
+              ),
+          )
+      except ShapeMismatchError:
+        raise  # the checkpoint is whole; the model built from its config differs
+      except Exception as e:
+        raise DamagedCheckpointError(directory, step, failure_reason(e)) from e
+      return cls(model, config, variables)
+
+    if step is not None:
+      return load(step)
+    found = workdir_lib.restore_newest_intact(steps, load, functools.partial(workdir_lib.report_damaged,
+                                                                             doing='loading'))
+    if found is None:
+      raise FileNotFoundError(f'{directory}: no checkpoint restores (each one named above)')
+    return found[1]
 
   def export(self, path: str) -> str:
     """Writes the inference variables (params and frozen statistics, no optimizer state or loss statistics) as an

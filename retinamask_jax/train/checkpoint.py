@@ -175,7 +175,7 @@ class Checkpointer:
     try:
       saved_meta = self._manager.item_metadata(step)['state']
     except Exception as e:  # whatever the damage, Orbax and TensorStore raise their own types
-      raise DamagedCheckpointError(self.directory, step, failure_reason(e)) from e
+      raise DamagedCheckpointError(self.directory, step, f'metadata unreadable, {failure_reason(e)}') from e
     check_compatible(saved_meta, target, f'{self.directory} step {step}')  # a config mismatch: not damage
 
     def abstract(leaf):

@@ -10,6 +10,7 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 from jax.sharding import Mesh
 
 from retinamask_jax.config_check import ConfigError, validate_config
@@ -38,6 +39,20 @@ def _eval_predictor(config: ml_collections.ConfigDict, variables: Any, mesh: Mes
   return run
 
 
+def eval_batch_per_process(batch_size: int) -> int:
+  """Images per process in each evaluation batch: `eval.batch_size` rounded up to a multiple of the device count
+  (the global batch is sharded over every device), split over the processes. The rows beyond the dataset's images
+  are blank and marked invalid (the eval pipeline pads every group's last batch that way already), so the padding
+  changes no result, only how many images share a batch.
+  """
+  n = jax.device_count()
+  padded = -(-batch_size // n) * n
+  if padded != batch_size:
+    logging.info('eval.batch_size %d padded to %d: a multiple of the %d devices (the extra rows are blank)',
+                 batch_size, padded, n)
+  return padded // jax.process_count()
+
+
 def run_evaluation(
     config: ml_collections.ConfigDict,
     model: Any,
@@ -50,7 +65,7 @@ def run_evaluation(
   with_masks = bool(config.model.mask.enabled)
   del model  # the program shared by every run of this config's structure brings its own
   predict = _eval_predictor(config, variables, mesh, with_masks)
-  per_process = config.eval.batch_size // jax.process_count()
+  per_process = eval_batch_per_process(config.eval.batch_size)
   kwargs = dict(batch_size=per_process, process_index=jax.process_index(),
                 process_count=jax.process_count())
   if config.eval.max_images:
