@@ -127,6 +127,9 @@ def test_conv_layer_keeps_the_direct_conv_elsewhere(kwargs, shape):
 
 def test_model_winograd_option_resolves_and_is_checked():
   assert rm.resolve_winograd('auto', 'float32') == (jax.default_backend() == 'cpu')
+  assert rm.resolve_winograd('auto', 'float32', 'cpu') is True
+  assert rm.resolve_winograd('auto', 'float32', 'tpu') is False
+  assert rm.resolve_winograd('on', 'float32', 'cuda') is True
   assert rm.resolve_winograd('auto', 'bfloat16') is False
   assert rm.resolve_winograd('on', 'bfloat16') is True
   assert rm.resolve_winograd('off', 'float32') is False
@@ -167,3 +170,26 @@ def test_model_with_winograd_gives_the_detections_of_the_direct_model():
   for key in ('cls_logits', 'box_deltas'):
     ref = np.asarray(out_off[key])
     np.testing.assert_allclose(out_on[key], ref, rtol=0, atol=1e-4 * np.max(np.abs(ref)))
+
+
+def test_auto_is_winograd_in_cpu_programs_and_xla_convolution_elsewhere():
+  """layers.Conv(winograd='auto'): in a CPU program the very values and gradients of winograd=True; lowered for TPU
+  or CUDA, forward and both gradients are XLA convolutions (3 of them, no matmul), while 'on' forces Winograd there."""
+  rng = np.random.default_rng(2)
+  x = np.maximum(rng.standard_normal((2, 32, 32, 64)), 0).astype(np.float32)
+  g = rng.standard_normal((2, 32, 32, 64)).astype(np.float32)
+  auto = layers.Conv(64, (3, 3), padding=1, winograd='auto')
+  on = layers.Conv(64, (3, 3), padding=1, winograd=True)
+  v = auto.init(jax.random.key(0), x)
+
+  def value_and_grads(conv):
+    return jax.jit(jax.value_and_grad(lambda v_, x_: jnp.sum(conv.apply(v_, x_) * g), argnums=(0, 1)))
+
+  if jax.default_backend() == 'cpu':
+    for a, b in zip(jax.tree.leaves(value_and_grads(auto)(v, x)), jax.tree.leaves(value_and_grads(on)(v, x))):
+      np.testing.assert_array_equal(a, b)
+  for platform in ('tpu', 'cuda'):
+    for conv, convolutions in ((auto, 3), (on, 0)):
+      text = value_and_grads(conv).trace(v, x).lower(lowering_platforms=(platform,)).as_text()
+      assert text.count('stablehlo.convolution') == convolutions, (platform, conv.winograd)
+      assert ('stablehlo.dot_general' in text) == (convolutions == 0)

@@ -10,8 +10,10 @@ with the kernel flipped, so training gets the same saving in all three matmul pa
 
 XLA's CPU backend computes 3x3 convs directly at about matmul speed (bench/bench_winograd.py), so on CPU fewer
 multiplies is the lever left, above all for the RetinaNet head, whose convs are all 3x3 stride 1 and 256 wide.
-GPU and TPU compilers have their own algorithms; `model.winograd='auto'` (models/retinamask.py) uses this only on
-CPU, for every 3x3 stride-1 conv where `tile_for` says it pays.
+GPU and TPU compilers have their own algorithms; `model.winograd='auto'` uses this only in programs lowered for CPU,
+for every 3x3 stride-1 conv where `tile_for` says it pays: `layers.Conv` decides per lowering platform with
+`jax.lax.platform_dependent`, so the same model exported for GPU or TPU (even from a CPU host) gets XLA's
+convolution there, and its gradients too (tests/test_lowering.py).
 
 Float32 error: the transforms' coefficients (up to 8 and 1/24 for m = 4) cost precision: relative to the largest
 output, about 1e-5 for m = 4 and 1e-6 for m = 2 against ~1e-7 for the direct conv.
