@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import collections
 import functools
+import json
+import os
 import re
 from typing import Any
 
@@ -175,7 +177,7 @@ def all_reduce_groups(text: str) -> list[str]:
 def _reference(config_json: str, program: str) -> tuple[collections.Counter, str]:
   """Op counts (and text) of `program` of the forced-off model lowered for TPU. The counts of a forced-off model do
   not depend on the compute dtype (the same ops in another dtype), so both dtypes of a test share one."""
-  config = forced_xla(ml_collections.ConfigDict(__import__('json').loads(config_json)))
+  config = forced_xla(ml_collections.ConfigDict(json.loads(config_json)))
   config.model.compute_dtype = 'float32'
   text = lowered_text(traced(config, program), ('tpu',))
   return op_counts(text), text
@@ -195,7 +197,7 @@ def check_program(config: ml_collections.ConfigDict, program: str) -> dict[str, 
   auto = traced(config, program)
   key = config.to_dict()
   key['model']['compute_dtype'] = 'float32'
-  ref, ref_text = _reference(__import__('json').dumps(key, sort_keys=True, default=list), program)
+  ref, ref_text = _reference(json.dumps(key, sort_keys=True, default=list), program)
   found = {}
   for platforms in (('tpu',), ('cuda',)):
     text = lowered_text(auto, platforms)
@@ -221,7 +223,16 @@ def check_program(config: ml_collections.ConfigDict, program: str) -> dict[str, 
   cpu_text = lowered_text(auto, ('cpu',))
   found['cpu'] = _summary(op_counts(cpu_text)) | {'winograd_matmuls': winograd_matmuls(cpu_text)}
   found['reference'] = _summary(ref)
+  if os.environ.get('LOWERING_COUNTS'):  # a JSON-lines file collecting the counts (for reports)
+    with open(os.environ['LOWERING_COUNTS'], 'a') as f:
+      f.write(json.dumps(dict(config=_config_label(config), program=program, found=found)) + '\n')
   return found
+
+
+def _config_label(config: ml_collections.ConfigDict) -> str:
+  b, d = config.model.backbone, config.data
+  name = f'X-{b.depth}-{b.groups}x{b.width_per_group}d' if b.groups > 1 else f'R-{b.depth}'
+  return f'{name} fpn {config.model.fpn.channels} {d.min_sizes[0]}x{d.max_size} {config.model.compute_dtype}'
 
 
 def _summary(ops: collections.Counter) -> dict[str, int]:
