@@ -240,3 +240,28 @@ def test_predict_batch_split_over_two_devices_changes_no_result(tmp_path):
   assert two['programs'].tolist() == [[4, 128, 128]]
   for i, a in enumerate(alone):
     check_same({k: two[f'{i}_{k}'] for k in ('boxes', 'scores', 'classes')}, a)
+
+
+def test_evaluation_places_images_as_predict_does(tmp_path):
+  """With the torchvision config (eval.bucket_canvases, canvas_multiple 32, torchvision's resize) every evaluation
+  row is the image on the canvas `Detector.predict` gives it, pixel for pixel, and each batch holds one canvas."""
+  from configs import torchvision_retinanet_r50
+  from retinamask_jax.data import coco, shapes
+
+  json_path, images_dir = shapes.write_shapes_dataset(str(tmp_path), 'val', 12, image_size=(90, 170), seed=4)
+  dataset = coco.load_coco(json_path, images_dir)
+  c = torchvision_retinanet_r50.get_config()
+  c.data.test_min_size, c.data.test_max_size = 128, 200
+  s = pipeline.eval_settings(c)
+  canvases = set()
+  for batch in pipeline.make_eval_iterator(dataset, c, batch_size=4, num_workers=0):
+    canvas = batch['image'].shape[1:3]
+    canvases.add(canvas)
+    for j in np.flatnonzero(batch['valid']):
+      record = next(r for r in dataset.records if r.image_id == batch['image_id'][j])
+      image = T.load_image(record.file_name)
+      assert s.canvas_for(*image.shape[:2]) == canvas
+      want = np.zeros((*canvas, 3), np.float32)
+      assert tuple(batch['image_size'][j]) == pipeline.place_image(image, want, 128, s)
+      np.testing.assert_array_equal(batch['image'][j], want)
+  assert len(canvases) > 2  # bucketed: more than one canvas per orientation
