@@ -123,7 +123,8 @@ class _Reporter:
     self._seen.add((kind, key))
     n = self.counts.get(kind, 0) + 1
     self.counts[kind] = n
-    log = logging.info if kind in INFORMATION_KINDS else logging.warning
+    # Information comes as one count (summary), not one line per annotation: debug level for those.
+    log = logging.debug if kind in INFORMATION_KINDS else logging.warning
     if n <= MAX_LOGGED_PER_KIND:
       log('[data: %s] %s: %s', kind, self.source, what)
     elif n == MAX_LOGGED_PER_KIND + 1:
