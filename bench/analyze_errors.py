@@ -8,7 +8,7 @@ Reports (markdown on stdout, every number also in --out as JSON):
 - box and mask AP overall, by size (tiny < 16 px, small 16-32, medium 32-96, large > 96, as sqrt of the area),
   by IoU threshold (0.50 ... 0.95) and by class;
 - class-agnostic AP (COCOeval with useCats=0) against class-aware AP: what confusions cost, and the confusion
-  matrix of the best-IoU detection (IoU >= 0.5, score >= --score) for each ground-truth instance;
+  matrix of the highest-scoring detection with IoU >= 0.5 (and score >= --score) of each ground-truth instance;
 - recall at IoU 0.5 among each image's 100 detections, class-aware and class-agnostic, by size, by occlusion
   (whole / cut by the image border / occluded by a later shape) and for crowded instances (overlapping another
   ground-truth box);
@@ -176,7 +176,8 @@ def recall_table(instances: list[dict], results: list, iou_thr: float = 0.5) -> 
 
 
 def confusion(instances: list[dict], results: list, names: dict, score: float) -> dict:
-  """For each GT instance: the class of its best-IoU detection (IoU >= 0.5, score >= score), or 'missed'."""
+  """For each GT instance: the class of its highest-scoring detection among those with IoU >= 0.5 and a score >=
+  `score` (the one a class-agnostic evaluation would match first), or 'missed'."""
   dets: dict[int, list] = {}
   for d in results:
     if d['score'] >= score:
@@ -185,8 +186,8 @@ def confusion(instances: list[dict], results: list, names: dict, score: float) -
   for inst in instances:
     ds = dets.get(inst['image_id'], [])
     iou = _box_iou(np.array([inst['bbox']], float), np.array([d['bbox'] for d in ds], float))[0] if ds else []
-    best = int(np.argmax(iou)) if len(iou) else -1
-    label = names[ds[best]['category_id']] if best >= 0 and iou[best] >= 0.5 else 'missed'
+    hits = [k for k in range(len(ds)) if iou[k] >= 0.5]
+    label = names[ds[max(hits, key=lambda k: ds[k]['score'])]['category_id']] if hits else 'missed'
     row = table.setdefault(inst['class'], {})
     row[label] = row.get(label, 0) + 1
   return table
@@ -236,7 +237,7 @@ def analyze(gt_path: str, results_dir: str, score: float, images_dir: str | None
     if os.path.exists(path):
       with open(path) as f:
         results[kind] = json.load(f)
-  report: dict = {'gt': gt_path, 'results': results_dir}
+  report: dict = {'gt': gt_path, 'results': results_dir, 'score': score}
   instances = recall_table(instance_table(data), results['bbox'])
   images_dir = images_dir or os.path.join(os.path.dirname(gt_path), 'images')
   if os.path.isdir(images_dir):
@@ -322,8 +323,8 @@ def markdown(report: dict) -> str:
     lines.append(f"| {name} | {r['n']} | {_fmt(r.get('recall'))} | {_fmt(r.get('recall_agnostic'))} |")
   classes = list(report['confusion'])
   cols = classes + ['missed']
-  lines += ['', 'Confusions: the best-IoU detection (IoU >= 0.5, score >= the --score threshold) of each GT '
-            'instance (rows: GT class):', '', '| GT \\ detected | ' + ' | '.join(cols) + ' |',
+  lines += ['', f'Confusions: the highest-scoring detection with IoU >= 0.5 and score >= {report["score"]} of each '
+            'GT instance (rows: GT class):', '', '| GT \\ detected | ' + ' | '.join(cols) + ' |',
             '|---|' + '---|' * len(cols)]
   for c in classes:
     lines.append(f'| {c} | ' + ' | '.join(str(report['confusion'][c].get(x, 0)) for x in cols) + ' |')
@@ -345,7 +346,7 @@ def main() -> None:
   parser.add_argument('--workdir', help='a train.py workdir: its shapes val split and latest eval/step_N')
   parser.add_argument('--gt', help='validation instances JSON (default: <workdir>/data/shapes/val/instances.json)')
   parser.add_argument('--results', help='folder with bbox_results.json / segm_results.json')
-  parser.add_argument('--score', type=float, default=0.3, help='score threshold of the confusion matrix')
+  parser.add_argument('--score', type=float, default=0.1, help='score threshold of the confusion matrix')
   parser.add_argument('--out', help='write the report as JSON here')
   args = parser.parse_args()
   gt = args.gt or os.path.join(args.workdir, 'data', 'shapes', 'val', 'instances.json')
