@@ -273,6 +273,53 @@ def test_cpu_jit_compiles_exactly_the_cpu_algorithms():
   assert tpu['stablehlo.convolution'] == 1 and tpu['stablehlo.dot_general'] == 0
 
 
+_COMPILED_ALL_REDUCE = """
+import collections, json, re, sys
+import jax, numpy as np
+from jax.sharding import Mesh
+sys.path.insert(0, sys.argv[1])
+import test_lowering as T
+
+config = T.forced_xla(T.small_config())
+mesh = Mesh(np.asarray(jax.devices()), ('data',))
+step = T.train_program(config).jitted_step(mesh)
+rep, data = jax.NamedSharding(mesh, jax.P()), jax.NamedSharding(mesh, jax.P('data'))
+state = T._abstract_state(config, rep)
+batch = T._batch_specs(config, T.DEVICES * T.PER_DEVICE_BATCH, data)
+hlo = step.lower(state, batch, jax.ShapeDtypeStruct((2,), np.uint32, sharding=rep)).compile().as_text()
+lines = [line for line in hlo.splitlines() if re.search(r' all-reduce(?:-start)?\\(', line)]
+group = r'replica_groups=(mesh\\[[^\\]]*\\] \\{[^}]*\\}|\\{\\{[\\d,]*\\}\\}|\\[[\\d,]+\\]<=\\[\\d+\\]|\\{\\})'
+groups = [re.search(group, line) for line in lines]
+# The 4-D float32 arrays the all-reduces return: the conv kernels' gradients (XLA combines them into tuples).
+kernels_reduced = sum(len(re.findall(r'f32\\[\\d+,\\d+,\\d+,\\d+\\]', line.split(' all-reduce')[0])) for line in lines)
+kernels = sum(x.ndim == 4 for x in jax.tree.leaves(state.params))
+print(json.dumps(dict(all_reduce=len(lines), groups=sorted({g.group(1) if g else 'none' for g in groups}),
+                      devices=len(jax.devices()), kernels=kernels, kernels_reduced=kernels_reduced)))
+"""
+
+
+@pytest.mark.slow
+def test_train_step_all_reduce_compiled_on_8_devices():
+  """The jitted train step of train.py carries no collective in its StableHLO (the batch is only annotated as sharded
+  on `data`); compiled for 8 (simulated CPU) devices, the partitioner turns the gradient sum over the batch into
+  all-reduces over all 8. The partitioner is XLA's, the same for every backend."""
+  import subprocess
+  import sys
+
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={DEVICES} --xla_backend_optimization_level=0'
+  done = subprocess.run([sys.executable, '-c', _COMPILED_ALL_REDUCE, os.path.dirname(os.path.abspath(__file__))],
+                        env=env, capture_output=True, text=True, timeout=1800)
+  assert done.returncode == 0, done.stderr[-3000:]
+  out = json.loads(done.stdout.strip().splitlines()[-1])
+  assert out['devices'] == DEVICES and out['all_reduce'] > 0, out
+  # Every all-reduce is over all 8 devices (the mesh's one axis of 8, listed, or an iota), and together they carry
+  # the gradient of every conv kernel.
+  for g in out['groups']:
+    assert re.fullmatch(r"mesh\['axis_0'=8[^\]]*\] \{'axis_0'\}|\{\{0,1,2,3,4,5,6,7\}\}|\[1,8\]<=\[8\]", g), out
+  assert out['kernels_reduced'] >= out['kernels'] > 0, out
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize('compute_dtype', ['float32', 'bfloat16'])
 @pytest.mark.parametrize('config_name', ['retinamask_r50_fpn_2x_ms', 'retinamask_x101_32x8d_fpn_2x_ms_gn'])
