@@ -68,11 +68,14 @@ def forced_xla(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def canvas(config: ml_collections.ConfigDict) -> tuple[int, int]:
-  return int(config.data.max_size), int(config.data.max_size)
+  """The (H, W) every program is lowered for: the config's first training canvas (landscape, multiples of 128)."""
+  from retinamask_jax.data import pipeline as pipeline_lib
+
+  return next(iter(pipeline_lib.train_canvases(tuple(config.data.min_sizes), config.data.max_size).values()))
 
 
 def _batch_specs(config: ml_collections.ConfigDict, n: int, sharding: Any = None) -> dict[str, jax.ShapeDtypeStruct]:
-  """The training batch contract (DESIGN.md 4) for n images on the square canvas, as abstract arrays."""
+  """The training batch contract (DESIGN.md 4) for n images on `canvas(config)`, as abstract arrays."""
   h, w = canvas(config)
   g, m = int(config.data.max_instances), int(config.data.mask_size)
   spec = functools.partial(jax.ShapeDtypeStruct, sharding=sharding)
@@ -230,9 +233,10 @@ def check_program(config: ml_collections.ConfigDict, program: str) -> dict[str, 
 
 
 def _config_label(config: ml_collections.ConfigDict) -> str:
-  b, d = config.model.backbone, config.data
+  b = config.model.backbone
   name = f'X-{b.depth}-{b.groups}x{b.width_per_group}d' if b.groups > 1 else f'R-{b.depth}'
-  return f'{name} fpn {config.model.fpn.channels} {d.min_sizes[0]}x{d.max_size} {config.model.compute_dtype}'
+  h, w = canvas(config)
+  return f'{name} fpn {config.model.fpn.channels} canvas {h}x{w} {config.model.compute_dtype}'
 
 
 def _summary(ops: collections.Counter) -> dict[str, int]:
