@@ -12,9 +12,9 @@ row), so they are the same after a resume and for any number of workers. (If the
 than one global batch in both groups, each group is instead cut with wrap-around, so that tiny
 datasets still train.)
 
-Every batch is one canvas `(H, W)` of `train_canvases`: landscape (ceil128(min_size),
-ceil128(max_size)), portrait the transpose, so a training run compiles once per (scale,
-orientation).
+Every batch is one canvas `(H, W)` of `train_canvases`: landscape (min_size, max_size) each rounded
+up to `data.canvas_multiple` (128 by default), portrait the transpose, so a training run compiles
+once per (scale, orientation).
 
 Batch dict (numpy, this process's n = B / P rows):
   image       float32 [n, H, W, 3]  normalized (data.channel_order, pixel_range, pixel_mean,
@@ -76,10 +76,6 @@ _MAX_REPLACEMENT_TRIES = 64
 
 def _ceil_to(x: float, multiple: int) -> int:
   return int(math.ceil(x / float(multiple))) * int(multiple)
-
-
-def _ceil128(x: float) -> int:
-  return _ceil_to(x, 128)
 
 
 def test_canvas(min_size: int, max_size: int, orientation: str, multiple: int = 128) -> Canvas:
