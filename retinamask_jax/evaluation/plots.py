@@ -97,6 +97,9 @@ def plot_runs(runs: dict[str, Sequence[dict[str, Any]]], out_path: str, *, title
   axes[2].set(xlabel='step', ylabel='loss', title='training loss (total)')
   if any(s['loss'] and min(y for _, y in s['loss']) > 0 for s in series.values()):
     axes[2].set_yscale('log')
+  if not any(s['box_ap_wall'] or s['mask_ap_wall'] for s in series.values()):
+    axes[1].text(0.5, 0.5, 'no wall_seconds on the eval lines\n(metrics.jsonl of an older run)', ha='center',
+                 va='center', transform=axes[1].transAxes, color='gray')
   for ax in axes:
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
