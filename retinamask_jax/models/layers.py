@@ -138,6 +138,78 @@ def _matmul_1x1_bwd(precision, residuals, g):
 matmul_1x1.defvjp(_matmul_1x1_fwd, _matmul_1x1_bwd)
 
 
+Geometry = tuple[tuple[int, int], tuple[int, int], int, Any]  # strides, symmetric padding, groups, precision
+
+
+def compute_plan(plan: tuple[str, int], geometry: Geometry, x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """x [N, H, W, Cin], kernel [kh, kw, Cin / groups, Cout] -> the conv output computed by `plan` (`Conv.plan`)."""
+  (sh, sw), (ph, pw), groups, precision = geometry
+  algorithm, m = plan
+  if algorithm == 'matmul':
+    # Output pixel i of an unpadded 1x1 conv with stride s reads input pixel s * i.
+    return matmul_1x1(x[:, ::sh, ::sw, :], kernel[0, 0], precision)
+  if algorithm == 'winograd':
+    return winograd_lib.conv3x3(x, kernel, m)
+  if algorithm == 'taps':
+    return conv_with_tap_grad(x, kernel, (sh, sw), ((ph, ph), (pw, pw)), groups, precision)
+  return _conv(x, kernel, (sh, sw), ((ph, ph), (pw, pw)), groups, precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def conv_by_platform(cpu_plan: tuple[str, int], other_plan: tuple[str, int], geometry: Geometry, x: jax.Array,
+                     kernel: jax.Array) -> jax.Array:
+  """`compute_plan(cpu_plan, ...)` in programs lowered for CPU, `compute_plan(other_plan, ...)` elsewhere
+  (`jax.lax.platform_dependent`), with gradients chosen the same way.
+
+  Its own VJP, each pass one platform switch over the plans' forward and backward rules, so that autodiff never
+  runs through the switch: differentiating a `lax.platform_dependent` traces both branches' JVP, partial
+  evaluation and transpose, which doubled the R-50 train step's trace time.
+  """
+  return jax.lax.platform_dependent(
+      x, kernel, cpu=functools.partial(compute_plan, cpu_plan, geometry),
+      default=functools.partial(compute_plan, other_plan, geometry),
+  )
+
+
+def _plan_forward(plan, geometry, v_like, x, kernel):
+  """(y, (x or zeros, Winograd's V or zeros)): residuals of one structure for every plan of a switch."""
+  if plan[0] == 'winograd':
+    y, v = winograd_lib.forward(x, kernel, plan[1])
+    return y, (jnp.zeros_like(x), v)  # unused on this branch's platform: XLA drops it
+  zeros = None if v_like is None else jnp.zeros(v_like.shape, v_like.dtype)
+  return compute_plan(plan, geometry, x, kernel), (x, zeros)
+
+
+def _plan_backward(plan, geometry, x, v, kernel, g):
+  if plan[0] == 'winograd':
+    return winograd_lib.conv3x3_backward(plan[1], (v, kernel), g)
+  # The plan's own gradient rules (custom ones for matmul / taps, XLA's for the conv); the recomputed forward
+  # output is unused and dropped by XLA.
+  _, vjp = jax.vjp(functools.partial(compute_plan, plan, geometry), x, kernel)
+  return vjp(g)
+
+
+def _conv_by_platform_fwd(cpu_plan, other_plan, geometry, x, kernel):
+  tiles = [m for algorithm, m in (cpu_plan, other_plan) if algorithm == 'winograd']
+  v_like = jax.eval_shape(functools.partial(winograd_lib.input_transform, m=tiles[0]), x) if tiles else None
+  y, (xr, v) = jax.lax.platform_dependent(
+      x, kernel, cpu=functools.partial(_plan_forward, cpu_plan, geometry, v_like),
+      default=functools.partial(_plan_forward, other_plan, geometry, v_like),
+  )
+  return y, (xr, v, kernel)
+
+
+def _conv_by_platform_bwd(cpu_plan, other_plan, geometry, residuals, g):
+  x, v, kernel = residuals
+  return jax.lax.platform_dependent(
+      x, v, kernel, g, cpu=functools.partial(_plan_backward, cpu_plan, geometry),
+      default=functools.partial(_plan_backward, other_plan, geometry),
+  )
+
+
+conv_by_platform.defvjp(_conv_by_platform_fwd, _conv_by_platform_bwd)
+
+
 def _enabled(option: bool | str, on_cpu: bool, name: str) -> bool:
   """A CPU-algorithm option in a CPU program (`on_cpu`) or any other: True / 'on' and False / 'off' force,
   'auto' means CPU programs only."""
@@ -214,14 +286,12 @@ class Conv(nn.Module):
     x = x.astype(self.dtype)
     kernel = kernel.astype(self.dtype)
     cpu_plan, other_plan = self.plan(x.shape, on_cpu=True), self.plan(x.shape, on_cpu=False)
+    geometry = (_pair(self.strides), _pair(self.padding), self.feature_group_count, self.precision)
     if cpu_plan == other_plan:
-      y = self._compute(cpu_plan, x, kernel)
+      y = compute_plan(cpu_plan, geometry, x, kernel)
     else:
       # Resolved when the program is lowered for its platform(s): a CPU-only jit compiles only `cpu_plan`.
-      y = jax.lax.platform_dependent(
-          x, kernel, cpu=functools.partial(self._compute, cpu_plan),
-          default=functools.partial(self._compute, other_plan),
-      )
+      y = conv_by_platform(cpu_plan, other_plan, geometry, x, kernel)
     if self.use_bias:
       bias = self.param('bias', self.bias_init, (self.features,), self.param_dtype)
       y = y + bias.astype(self.dtype)
@@ -243,19 +313,6 @@ class Conv(nn.Module):
     if kernel_grad == 'taps' or (kernel_grad == 'by_size' and self._taps_pay(x_shape, (kh, kw))):
       return ('taps', 0)
     return ('xla', 0)
-
-  def _compute(self, plan: tuple[str, int], x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """x [N, H, W, Cin], kernel [kh, kw, Cin / groups, features] (both `dtype`) -> the conv output by `plan`."""
-    (sh, sw), (ph, pw) = _pair(self.strides), _pair(self.padding)
-    algorithm, m = plan
-    if algorithm == 'matmul':
-      # Output pixel i of an unpadded 1x1 conv with stride s reads input pixel s * i.
-      return matmul_1x1(x[:, ::sh, ::sw, :], kernel[0, 0], self.precision)
-    if algorithm == 'winograd':
-      return winograd_lib.conv3x3(x, kernel, m)
-    if algorithm == 'taps':
-      return conv_with_tap_grad(x, kernel, (sh, sw), ((ph, ph), (pw, pw)), self.feature_group_count, self.precision)
-    return _conv(x, kernel, (sh, sw), ((ph, ph), (pw, pw)), self.feature_group_count, self.precision)
 
   def _winograd_tile(self, x_shape: Sequence[int], geometry: tuple[int, ...], on_cpu: bool) -> int:
     if not _enabled(self.winograd, on_cpu, 'winograd') or geometry != (3, 3, 1, 1, 1, 1):

@@ -142,7 +142,8 @@ def _batched_matmul(v: jax.Array, u: jax.Array) -> jax.Array:
   return out.astype(v.dtype)
 
 
-def _forward(x: jax.Array, k: jax.Array, m: int) -> tuple[jax.Array, jax.Array]:
+def forward(x: jax.Array, k: jax.Array, m: int) -> tuple[jax.Array, jax.Array]:
+  """(y, V): `conv3x3`'s output and its residual V = `input_transform(x, m)` (for `conv3x3_backward`)."""
   n, h, w, _ = x.shape
   v = input_transform(x, m)
   y = output_transform(_batched_matmul(v, kernel_transform(k, m)), m, n, h, w)
@@ -154,15 +155,16 @@ def conv3x3(x: jax.Array, k: jax.Array, m: int = 4) -> jax.Array:
   """x [N, H, W, Cin], k [3, 3, Cin, Cout] (HWIO) -> [N, H, W, Cout]: the 3x3 conv with padding 1 and stride 1
   (`lax.conv_general_dilated`, NHWC), computed by Winograd F(m x m, 3 x 3), m in `TILES`. Any H and W: the last
   tile row / column is zero-padded and cropped. Gradients are Winograd too."""
-  return _forward(x, k, m)[0]
+  return forward(x, k, m)[0]
 
 
 def _conv3x3_fwd(x, k, m):
-  y, v = _forward(x, k, m)
+  y, v = forward(x, k, m)
   return y, (v, k)
 
 
-def _conv3x3_bwd(m, residuals, g):
+def conv3x3_backward(m: int, residuals: tuple[jax.Array, jax.Array], g: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(dx, dk) of `conv3x3` from its residuals (V, k) and the output cotangent g [N, H, W, Cout]."""
   v, k = residuals
   # The input gradient of a padding-1 3x3 conv is the padding-1 3x3 conv of g with the kernel rotated by 180
   # degrees and its channel axes swapped.
@@ -172,7 +174,7 @@ def _conv3x3_bwd(m, residuals, g):
   return dx, kernel_transform_transpose(du, m).astype(k.dtype)
 
 
-conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)
+conv3x3.defvjp(_conv3x3_fwd, conv3x3_backward)
 
 
 def tile_for(n: int, h: int, w: int, cin: int, cout: int) -> int:
