@@ -106,23 +106,28 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
 def run(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
   """Calls fn; an expected failure becomes `error: <reason>` on stderr and exit code 2 (3: non-finite stop, 1: a
   checkpoint that could not be written)."""
-  from retinamask_jax.train.checkpoint import CheckpointWriteError
-
   _quiet_libraries()
   try:
     if flags.FLAGS.is_parsed():
       _initialize_distributed()
     return fn(*args, **kwargs)
-  except CheckpointWriteError as e:
-    print(f'error: {e}', file=sys.stderr, flush=True)
-    sys.stdout.flush()
-    # Not sys.exit: Orbax's writes of the failed step are still in flight in its threads, and the interpreter's
-    # shutdown would print their tracebacks after this line. The earlier checkpoints are finalized on disk, the
-    # logs closed (train loop), and the kernel releases the workdir lock.
-    os._exit(EXIT_CHECKPOINT_WRITE)
-  except _expected_errors() as e:
+  except Exception as e:  # the error types are imported only now: train.py locks its workdir before jax loads
+    from retinamask_jax.train.workdir import WorkdirBusyError
+
+    if isinstance(e, WorkdirBusyError):
+      _fail(str(e))  # without importing jax: a second run is refused at once
+    from retinamask_jax.train.checkpoint import CheckpointWriteError
     from retinamask_jax.train.nonfinite import NonFiniteError
 
+    if isinstance(e, CheckpointWriteError):
+      print(f'error: {e}', file=sys.stderr, flush=True)
+      sys.stdout.flush()
+      # Not sys.exit: Orbax's writes of the failed step are still in flight in its threads, and the interpreter's
+      # shutdown would print their tracebacks after this line. The earlier checkpoints are finalized on disk, the
+      # logs closed (train loop), and the kernel releases the workdir lock.
+      os._exit(EXIT_CHECKPOINT_WRITE)
+    if not isinstance(e, _expected_errors()):
+      raise
     print(f'error: {e}', file=sys.stderr, flush=True)
     sys.exit(EXIT_NONFINITE if isinstance(e, NonFiniteError) else EXIT_USAGE)
 
