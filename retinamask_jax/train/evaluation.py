@@ -84,12 +84,19 @@ def run_evaluation(
 def write_sample_predictions(
     config: ml_collections.ConfigDict, model: Any, variables: Any, dataset: coco_lib.CocoDataset, out_dir: str
 ) -> None:
-  """PNGs of the first `eval.num_prediction_images` validation images with the final model's detections."""
+  """PNGs of the first `eval.num_prediction_images` readable validation images with the final model's detections."""
   from retinamask_jax import export
+  from retinamask_jax.data import transforms as T
 
-  records = dataset.records[: config.eval.num_prediction_images]
-  images = [pipeline_lib.load_record_image(r) for r in records]
-  names = [os.path.splitext(os.path.basename(r.file_name))[0] for r in records]
+  images, names = [], []
+  for record in dataset.records:
+    if len(images) == config.eval.num_prediction_images:
+      break
+    try:
+      images.append(pipeline_lib.load_record_image(record))
+    except T.DataError:
+      continue  # evaluation has reported it and left it out; a drawing is no reason to stop a finished run
+    names.append(os.path.splitext(os.path.basename(record.file_name))[0])
   detector = export.Detector(model, config, jax.device_get(variables))
   export.write_predictions(detector, images, out_dir, names=names, score_threshold=0.3)
   print(f'prediction images: {out_dir}', flush=True)
