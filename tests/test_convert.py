@@ -441,6 +441,7 @@ def backbone_init_config(path: str, depth: int = 18):
   return c
 
 
+@pytest.mark.slow  # ~70 s; tests/test_torchvision_training.py trains converted weights against torchvision by default
 def test_backbone_init_trains_from_converted_weights(tmp_path):
   """A converted ResNet-18 in `model.backbone_init`: the fresh state holds its weights, a fresh optimizer state,
   and a few train steps run (finite loss), move res3-res5 and leave the frozen stem / res2 alone."""

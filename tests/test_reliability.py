@@ -107,6 +107,7 @@ def _assert_bitwise_equal(a: dict, b: dict) -> None:
 # ------------------------------------------------------------------------------------------ preemption
 
 
+@pytest.mark.slow  # ~100 s; the default suite keeps the bitwise resume of tests/test_faults.py
 @pytest.mark.skipif(not IN_MAIN_THREAD, reason='signal handlers need the main thread')
 def test_sigterm_and_sigint_save_a_checkpoint_and_exit_then_resume_exactly(tmp_path, monkeypatch, capsys):
   straight = str(tmp_path / 'straight')
@@ -136,6 +137,7 @@ def test_sigterm_and_sigint_save_a_checkpoint_and_exit_then_resume_exactly(tmp_p
   _assert_bitwise_equal(_restore_raw(workdir)[0], _restore_raw(straight)[0])
 
 
+@pytest.mark.slow  # ~125 s; tests/test_faults.py keeps a bitwise resume (from a set-aside damaged step) by default
 def test_kill9_three_times_then_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
   """SIGKILL at three random moments of one run (one right after a checkpoint step, while its async save is
   likely in flight); the resumed run's final state equals a straight run's bit for bit, every step logged once."""
