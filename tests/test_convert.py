@@ -22,6 +22,8 @@ import pytest
 torch = pytest.importorskip('torch')
 torchvision = pytest.importorskip('torchvision')
 
+from tv_reference import randomize_bn  # noqa: E402
+
 from configs import tiny, torchvision_retinanet_r50  # noqa: E402
 from retinamask_jax.convert import BackboneInitError, init_backbone  # noqa: E402
 from retinamask_jax.convert import torchvision as tvc  # noqa: E402
@@ -31,25 +33,6 @@ from retinamask_jax.train import step as step_lib  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RTOL = 1e-4  # relative to the largest magnitude of the reference tensor
-
-
-def randomize_bn(model, seed: int) -> None:
-  """Random affine and running statistics in every BatchNorm2d; some variances near eps so that eps matters."""
-  g = torch.Generator().manual_seed(seed)
-  for m in model.modules():
-    if isinstance(m, torch.nn.BatchNorm2d):
-      with torch.no_grad():
-        weight = 0.5 + torch.rand(m.weight.shape, generator=g)
-        var = 0.5 + torch.rand(m.running_var.shape, generator=g)
-        # Every 7th channel has var = eps (and a weight that keeps its output scale): a converter that ignored eps
-        # would scale these channels by sqrt(2).
-        var[::7] = 1e-5
-        weight[::7] *= 2e-5**0.5
-        m.weight.copy_(weight)
-        m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
-        m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
-        m.running_var.copy_(var)
-  model.eval()
 
 
 def relative_error(actual, expected) -> float:

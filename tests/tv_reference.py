@@ -25,6 +25,8 @@ def randomize_bn(model: torch.nn.Module, seed: int) -> None:
       with torch.no_grad():
         weight = 0.5 + torch.rand(m.weight.shape, generator=g)
         var = 0.5 + torch.rand(m.running_var.shape, generator=g)
+        # Every 7th channel has var = eps (and a weight that keeps its output scale): a converter that ignored eps
+        # would scale these channels by sqrt(2).
         var[::7] = 1e-5
         weight[::7] *= 2e-5**0.5
         m.weight.copy_(weight)
