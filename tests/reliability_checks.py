@@ -271,3 +271,24 @@ def kill(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> int:
 def read_log(workdir: str, log_name: str) -> str:
   with open(os.path.join(os.path.dirname(workdir), log_name)) as f:
     return f.read()
+
+
+def restore_raw(workdir: str, step: int | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+  """The whole saved train state (params, optimizer state, statistics, step) as numpy arrays by key path, and the
+  data state, read with Orbax alone (no model code): what a bitwise comparison of two runs needs."""
+  import jax
+  import orbax.checkpoint as ocp
+
+  manager = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'), item_names=('state', 'data'))
+  step = manager.latest_step() if step is None else step
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                            data=ocp.args.JsonRestore()))
+  manager.close()
+  flat = jax.tree_util.tree_flatten_with_path(restored['state'])[0]
+  return {jax.tree_util.keystr(p): np.asarray(v) for p, v in flat}, dict(restored['data'])
+
+
+def assert_bitwise_equal(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
+  assert a.keys() == b.keys()
+  different = [k for k in a if a[k].dtype != b[k].dtype or not np.array_equal(a[k], b[k])]
+  assert not different, f'{len(different)} of {len(a)} arrays differ, e.g. {different[:3]}'

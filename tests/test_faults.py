@@ -22,7 +22,6 @@ import time
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from configs import tiny
@@ -58,7 +57,7 @@ def trained(tmp_path_factory):
 @pytest.fixture(scope='module')
 def step3(trained):
   """The uninterrupted run's checkpoint of step 3: every array by key path."""
-  return _restore_raw(trained[0], 3)[0]
+  return rc.restore_raw(trained[0], 3)[0]
 
 
 @pytest.fixture(scope='module')
@@ -81,29 +80,12 @@ def _run(argv: list[str], env: dict[str, str], **kwargs) -> subprocess.Completed
   return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, **kwargs)
 
 
-def _restore_raw(workdir: str, step: int | None = None):
-  """The whole saved train state as numpy arrays (by key path), and the data state."""
-  manager = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'), item_names=('state', 'data'))
-  step = manager.latest_step() if step is None else step
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
-                                                            data=ocp.args.JsonRestore()))
-  manager.close()
-  flat = jax.tree_util.tree_flatten_with_path(restored['state'])[0]
-  return {jax.tree_util.keystr(p): np.asarray(v) for p, v in flat}, dict(restored['data'])
-
-
-def _assert_bitwise_equal(a: dict, b: dict) -> None:
-  assert a.keys() == b.keys()
-  different = [k for k in a if a[k].dtype != b[k].dtype or not np.array_equal(a[k], b[k])]
-  assert not different, f'{len(different)} of {len(a)} arrays differ, e.g. {different[:3]}'
-
-
 def _assert_same_run(workdir: str, straight: str, num_steps: int = STEPS) -> None:
   """Every step logged once, with the straight run's losses (full float32), and the same final state, bitwise."""
   lines = rc.train_lines(workdir)
   assert [r['step'] for r in lines] == list(range(1, num_steps + 1))
   assert [r['loss'] for r in lines] == [r['loss'] for r in rc.train_lines(straight)]
-  _assert_bitwise_equal(_restore_raw(workdir)[0], _restore_raw(straight)[0])
+  rc.assert_bitwise_equal(rc.restore_raw(workdir)[0], rc.restore_raw(straight)[0])
 
 
 def _no_noise(stderr: str) -> None:
@@ -272,9 +254,9 @@ def _fail_a_save(trained, step3, tmp_path) -> str:
   _no_noise(proc.stderr)
   # The previous checkpoint is the latest and restores, unchanged.
   assert Checkpointer(checkpoints).all_steps() == [3]
-  state, data = _restore_raw(workdir)
+  state, data = rc.restore_raw(workdir)
   assert data['step'] == 3
-  _assert_bitwise_equal(state, step3)
+  rc.assert_bitwise_equal(state, step3)
   return workdir
 
 

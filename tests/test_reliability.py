@@ -22,7 +22,6 @@ import time
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -87,23 +86,6 @@ def _zero_state(c: ml_collections.ConfigDict):
   return model, jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), shapes)
 
 
-def _restore_raw(workdir: str, step: int | None = None):
-  """The whole saved train state (params, optimizer state, statistics, step) as numpy arrays, and the data state."""
-  manager = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'), item_names=('state', 'data'))
-  step = manager.latest_step() if step is None else step
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
-                                                            data=ocp.args.JsonRestore()))
-  manager.close()
-  flat = jax.tree_util.tree_flatten_with_path(restored['state'])[0]
-  return {jax.tree_util.keystr(p): np.asarray(v) for p, v in flat}, dict(restored['data'])
-
-
-def _assert_bitwise_equal(a: dict, b: dict) -> None:
-  assert a.keys() == b.keys()
-  different = [k for k in a if a[k].dtype != b[k].dtype or not np.array_equal(a[k], b[k])]
-  assert not different, f'{len(different)} of {len(a)} arrays differ, e.g. {different[:3]}'
-
-
 # ------------------------------------------------------------------------------------------ preemption
 
 
@@ -134,7 +116,7 @@ def test_sigterm_and_sigint_save_a_checkpoint_and_exit_then_resume_exactly(tmp_p
   loop.train_and_evaluate(_config(), workdir)
   assert [r['step'] for r in rc.train_lines(workdir)] == list(range(1, 7))
   assert [r['loss'] for r in rc.train_lines(workdir)] == [r['loss'] for r in rc.train_lines(straight)]
-  _assert_bitwise_equal(_restore_raw(workdir)[0], _restore_raw(straight)[0])
+  rc.assert_bitwise_equal(rc.restore_raw(workdir)[0], rc.restore_raw(straight)[0])
 
 
 @pytest.mark.slow  # ~125 s; tests/test_faults.py keeps a bitwise resume (from a set-aside damaged step) by default
@@ -169,9 +151,9 @@ def test_kill9_three_times_then_resume_is_bitwise_equal_to_an_uninterrupted_run(
   assert [r['step'] for r in lines if r.get('kind') == 'eval'] == [24]
   ref = [r['loss'] for r in rc.train_lines(straight)]
   assert [r['loss'] for r in rc.train_lines(workdir)] == ref  # full float32 values, bit for bit
-  state, data = _restore_raw(workdir)
-  ref_state, ref_data = _restore_raw(straight)
-  _assert_bitwise_equal(state, ref_state)
+  state, data = rc.restore_raw(workdir)
+  ref_state, ref_data = rc.restore_raw(straight)
+  rc.assert_bitwise_equal(state, ref_state)
   assert data == ref_data == {'step': 24, 'next_index': 24, 'nonfinite_steps': 0}
 
 
@@ -232,7 +214,7 @@ def test_nonfinite_steps_are_skipped_and_counted_across_a_resume(tmp_path, monke
   _inject(monkeypatch, {1: _poison(np.nan), 3: _signal(signal.SIGTERM), 4: _poison(np.inf)})
   with pytest.raises(SystemExit):
     loop.train_and_evaluate(_config(), workdir)
-  _, data = _restore_raw(workdir)
+  _, data = rc.restore_raw(workdir)
   assert data == {'step': 4, 'next_index': 4, 'nonfinite_steps': 1}
   loop.train_and_evaluate(_config(), workdir)
   lines = rc.train_lines(workdir)
@@ -240,7 +222,7 @@ def test_nonfinite_steps_are_skipped_and_counted_across_a_resume(tmp_path, monke
   assert [r['nonfinite'] for r in lines] == [0, 1, 0, 0, 1, 0]
   assert [r['nonfinite_steps'] for r in lines] == [0, 1, 1, 1, 2, 2]
   assert all(np.isfinite(r['loss']) for i, r in enumerate(lines) if i not in (1, 4))
-  state, data = _restore_raw(workdir)
+  state, data = rc.restore_raw(workdir)
   assert data == {'step': 6, 'next_index': 6, 'nonfinite_steps': 2}
   assert int(state["['step']"]) == 4  # 6 steps taken, 2 updates skipped
   assert all(np.isfinite(v).all() for v in state.values())
@@ -255,7 +237,7 @@ def test_nonfinite_stop_raises_and_keeps_the_last_good_checkpoint(tmp_path, monk
                                                 r'checkpoint is step 3'):
     loop.train_and_evaluate(c, workdir)
   assert Checkpointer(os.path.join(workdir, 'checkpoints')).all_steps() == [3]
-  state, data = _restore_raw(workdir)
+  state, data = rc.restore_raw(workdir)
   assert data['step'] == 3 and all(np.isfinite(v).all() for v in state.values())
 
   # Fixed data, same command: resumes from the good checkpoint; steps 4.. are logged again, once.
@@ -581,7 +563,7 @@ def test_soak_2000_steps_with_random_kills_nothing_lost_and_no_memory_growth(tmp
   assert [r['step'] for r in lines if r.get('kind') is None] == list(range(1, 2001))
   assert [r['step'] for r in lines if r.get('kind') == 'eval'] == [2000]
   assert all(np.isfinite(r['loss']) for r in lines if r.get('kind') is None)
-  _, data = _restore_raw(workdir)
+  _, data = rc.restore_raw(workdir)
   assert data['step'] == 2000
 
   # Steady state only: the first steps of a process hold compilation and cache-loading peaks.
