@@ -57,6 +57,18 @@ def _resolve_checkpoint(path: str) -> tuple[str, int | None]:
   return path, None
 
 
+# What a serving client must do to an image before the program sees it, per `data.resize` (serving.json).
+_RESIZE_RULES = {
+    'pil': 'scale the short side to min_size, unless the long side would then exceed max_size: then scale the long '
+           'side to max_size, sizes rounded as transforms.resized_hw does; PIL bilinear on uint8 (antialiased when '
+           'shrinking)',
+    'torchvision': "torchvision's GeneralizedRCNNTransform: scale = min(min_size / short, max_size / long), each "
+                   'side floor(side * scale) (transforms.torchvision_resized_hw); bilinear without antialiasing, '
+                   'align_corners=False. Detector.predict resizes the normalized float image; resizing uint8 here '
+                   'rounds it, so detections agree with predict up to that rounding',
+}
+
+
 class Detector:
   """A RetinaMask model with its variables and config; `predict` maps images to detections.
 
@@ -236,10 +248,10 @@ class Detector:
         },
         'outputs': sorted(exported.out_tree.unflatten(range(exported.out_tree.num_leaves)).keys()),
         'resize': {
+            'mode': s.resize,
             'min_size': s.min_sizes[0],
             'max_size': s.max_size,
-            'rule': 'scale the short side to min_size, unless the long side would then exceed max_size: then scale '
-                    'the long side to max_size (transforms.resized_hw); PIL bilinear',
+            'rule': _RESIZE_RULES[s.resize],
         },
         'score_threshold': self.score_threshold,
         'class_names': list(self.class_names),

@@ -90,6 +90,7 @@ def test_serving_program_in_a_fresh_process_matches_the_live_model(detector, tmp
   assert meta['canvas_hw'] == [128, 128] and meta['batch_size'] == 3 and meta['with_masks']
   assert meta['outputs'] == ['boxes', 'classes', 'masks', 'scores', 'valid']
   assert meta['category_ids'] == [7, 8, 9]
+  assert meta['resize']['mode'] == 'pil' and 'PIL bilinear' in meta['resize']['rule']
   with pytest.raises(FileExistsError):
     detector.export_serving(path)
 
@@ -208,3 +209,12 @@ def test_from_checkpoint_reads_params_and_frozen_only(detector, tmp_path, monkey
     assert set(ckpt.metadata(os.path.join(path, 'variables')).item_metadata.keys()) == {'params', 'frozen'}
   again = Detector.from_checkpoint(path)
   assert jax.tree.all(jax.tree.map(np.array_equal, jax.device_get(again.variables), jax.device_get(state.variables)))
+
+
+def test_serving_metadata_describes_every_resize_mode():
+  """serving.json tells a client how to resize for whichever `data.resize` the model was trained with."""
+  from retinamask_jax import export
+  from retinamask_jax.data import transforms
+
+  assert set(export._RESIZE_RULES) == set(transforms.RESIZE_MODES)
+  assert 'torchvision_resized_hw' in export._RESIZE_RULES['torchvision']
