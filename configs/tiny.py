@@ -35,5 +35,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.log_every_steps = 5
   c.checkpoint.every_steps = 10
   c.eval.batch_size = 4
+  c.eval.every_steps = 0  # only at the end: tests and smoke runs time their own evaluations
   c.eval.num_prediction_images = 2
   return c
