@@ -165,3 +165,26 @@ def test_loads_cleanly(train_split):
   assert sum(len(r.crowd_boxes) for r in ds.records) > 0
   with pytest.raises(ValueError):
     shapes.write_shapes_dataset('/tmp/unused', 'x', 1, image_size=(4, 2))
+
+
+def test_v2_instances_are_visible_enough(train_split):
+  """Generator v2 keeps no sliver: every non-crowd instance shows at least _MIN_VISIBLE_PX pixels."""
+  _, _, _, data = train_split
+  areas = [a['area'] for a in data['annotations'] if not a['iscrowd']]
+  assert areas and min(areas) >= shapes._MIN_VISIBLE_PX
+
+
+@pytest.mark.parametrize('background', ['uniform', 'two_colour_stripes'])
+def test_fill_colours_stand_out_from_what_lies_under_them(background):
+  """_distinct_colour's contract, checked in float64: at most _MAX_SIMILAR of the covered pixels lie within
+  _SIMILAR_DISTANCE of the colour, for backgrounds where a random colour often fails it."""
+  rng = np.random.default_rng(0)
+  grey = np.full((400, 3), 128.0, np.float32)
+  if background == 'uniform':
+    under = grey
+  else:
+    under = np.concatenate([grey[:200], np.full((200, 3), 30.0, np.float32)])
+  for _ in range(50):
+    c = shapes._distinct_colour(rng, under).astype(np.float64)
+    near = np.linalg.norm(under.astype(np.float64) - c, axis=1) < shapes._SIMILAR_DISTANCE
+    assert near.mean() <= shapes._MAX_SIMILAR
