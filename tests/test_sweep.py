@@ -164,7 +164,9 @@ def test_vmapped_runs_track_the_same_runs_alone(sweeps):
     np.testing.assert_allclose(vmapped[t][0], alone[t][0], rtol=1e-6, err_msg=str(t))
     np.testing.assert_allclose(vmapped[t], alone[t], rtol=2e-2, err_msg=str(t))
   # The threshold really is traced: 0.0 and 0.3 match more anchors than plain matching; 0.5 is plain matching.
-  assert abs(alone[0.0][0] - alone[None][0]) > 1e-3
+  # Over the 10 steps, not at step 1: whether the first batch holds a box whose best anchor IoU is under 0.5 is luck
+  # of the data (3.5 % of shapes-v2 boxes at this size), and once one batch differs the runs part for good.
+  assert np.abs(alone[0.0] - alone[None]).max() > 1e-3
   np.testing.assert_allclose(alone[0.5], alone[None], rtol=1e-6)
 
 
