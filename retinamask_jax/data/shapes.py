@@ -211,9 +211,11 @@ def _ring_mask(
 
 def _distinct_colour(rng: np.random.Generator, under: np.ndarray) -> np.ndarray:
   """A colour that differs from most of `under` (the pixels the shape covers, float32 [P, 3]). float32 [3]."""
-  sample = under[:: max(1, len(under) // 4096)]
   c = _colour(rng)
-  for _ in range(_COLOUR_TRIES if len(sample) else 0):
+  if not len(under):
+    return c
+  sample = under[:: max(1, len(under) // 4096)]
+  for _ in range(_COLOUR_TRIES):
     if np.mean(np.linalg.norm(sample - c, axis=1) < _SIMILAR_DISTANCE) <= _MAX_SIMILAR:
       break
     c = _colour(rng)
@@ -304,11 +306,10 @@ def _generate_image(
       size = min(size * 1.5, 1.2 * max(h, w))
     cx, cy = rng.uniform(0, w), rng.uniform(0, h)
     if rng.random() < _P_INSIDE:
-      half = size / 2 if name != 'ring' else max(size, 10.0) / 2
-      cx = float(np.clip(cx, half, w - half)) if 2 * half < w else cx
-      cy = float(np.clip(cy, half, h - half)) if 2 * half < h else cy
+      cx = float(np.clip(cx, size / 2, w - size / 2)) if size < w else cx
+      cy = float(np.clip(cy, size / 2, h - size / 2)) if size < h else cy
     if name == 'ring':
-      layers.append((name, _ring_mask(rng, max(size, 10.0), cx, cy, h, w), None, False))
+      layers.append((name, _ring_mask(rng, size, cx, cy, h, w), None, False))
       continue
     angle = 0.0 if name == 'circle' else rng.uniform(0, 2 * np.pi)
     v = np.round(_place(_outline(rng, name, size), angle, cx, cy), 2)
