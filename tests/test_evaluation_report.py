@@ -162,6 +162,10 @@ def test_plot_files_are_written(tmp_path):
   # A sweep's plot: one curve per run.
   sweep_png = plots.plot_runs({'a': _metrics_lines(0.4), 'b': _metrics_lines(0.3)}, str(tmp_path / 's' / 'c.png'))
   assert sweep_png and os.path.getsize(sweep_png) > 0
+  # A table's sweep (15 runs): the legend goes below the panels, which it would otherwise cover, so the figure grows.
+  many = plots.plot_runs({f'run {i}': _metrics_lines(0.1 + i / 50) for i in range(15)}, str(tmp_path / 'm.png'))
+  with Image.open(sweep_png) as few, Image.open(many) as table:
+    assert table.size[0] == few.size[0] and table.size[1] > few.size[1] + 100
   # Nothing to plot: no file.
   assert plots.plot_runs({'a': []}, str(tmp_path / 'none.png')) is None and not (tmp_path / 'none.png').exists()
 

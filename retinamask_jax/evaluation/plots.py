@@ -8,6 +8,7 @@ plots are skipped with one info line and nothing else changes.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -77,6 +78,8 @@ def plot_runs(runs: dict[str, Sequence[dict[str, Any]]], out_path: str, *, title
   plt = _pyplot()
   if plt is None:
     return None
+  # Past a few runs, per-panel legends cover the points: one legend for the figure goes below the panels.
+  shared_legend = len(series) > 4
   fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
   colours = plt.rcParams['axes.prop_cycle'].by_key()['color']
   single = len(series) == 1
@@ -102,11 +105,18 @@ def plot_runs(runs: dict[str, Sequence[dict[str, Any]]], out_path: str, *, title
                  va='center', transform=axes[1].transAxes, color='gray')
   for ax in axes:
     ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
+    if not shared_legend and ax.get_legend_handles_labels()[0]:
       ax.legend(fontsize=7 if len(series) > 3 else 9)
   if title:
     fig.suptitle(title)
-  fig.tight_layout()
+  if shared_legend:
+    handles, labels = axes[0].get_legend_handles_labels()
+    legend_height = 0.15 * math.ceil(len(handles) / 3) + 0.15
+    fig.set_size_inches(15, 4.2 + legend_height)
+    fig.legend(handles, labels, loc='lower center', ncol=3, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, legend_height / (4.2 + legend_height), 1, 1))
+  else:
+    fig.tight_layout()
   os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
   fig.savefig(out_path, dpi=100)
   plt.close(fig)
