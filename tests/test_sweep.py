@@ -90,6 +90,10 @@ def test_rows_keep_per_category_ap_and_none_for_no_objects():
 
 def _sweep_config():
   c = tiny.get_config()
+  # The ablation tables' gamma (configs/ablation_base.py), under which the tolerances below were measured. With the
+  # default recipe's gamma 1 the problem is better conditioned: an LR x (1 + 1e-6) drifts 2.8e-5 by step 10, not
+  # 8e-4, still above the 1e-5 that vmapped and lone runs could then be held to.
+  c.loss.focal_gamma = 2.0
   c.train.num_steps = 10
   c.train.log_every_steps = 1
   c.checkpoint.every_steps = 5
