@@ -161,6 +161,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.shapes.num_train = 2000
   c.data.shapes.num_val = 200
   c.data.shapes.image_size = (256, 384)  # (min, max) side of generated images
+  c.data.shapes.mean_objects = 3.5  # shapes drawn per non-empty image, on average (before occlusion drops some)
+  # The same for the train split alone; unset = mean_objects. Denser training images teach more per step, as
+  # mosaic and copy-paste augmentation do, while the val split keeps the density it is compared at.
+  c.data.shapes.train_mean_objects = config_dict.placeholder(float)
   c.data.shapes.seed = 0
 
   # ---------------------------------------------------------------- training

@@ -56,6 +56,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.num_workers = 0  # decoding 4 small images takes ~13 ms: a worker process only competes with XLA
   c.data.shapes.num_train = 2000
   c.data.shapes.num_val = 200
+  # Training images draw 8 shapes on average instead of 3.5 (4.9 visible instead of 2.7; COCO has 7.3): a step then
+  # teaches the classifier, which is what limits a short run, about twice as many instances, at no extra cost per
+  # step. The val split keeps 3.5, so its figures compare with earlier runs. Measured: box AP 7.4 -> 12.6 +- 1.1 at
+  # the ablation scale (3 seeds, every seed higher), and on this recipe box 13.5 -> 16.7, mask 10.7 -> 15.1
+  # (BENCHMARKS.md, "Denser training images").
+  c.data.shapes.train_mean_objects = 8.0
 
   c.train.batch_size = 4
   c.train.num_steps = 1500

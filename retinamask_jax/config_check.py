@@ -58,6 +58,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for key in ('max_size', 'test_min_size', 'test_max_size', 'max_instances', 'mask_size'):
     need(_positive_int(d[key]), f'data.{key} must be a positive integer, got {d[key]!r}')
   need(d.crowd in ('drop', 'ignore'), f"data.crowd must be 'drop' or 'ignore', got {d.crowd!r}")
+  for key in ('mean_objects', 'train_mean_objects'):
+    value = d.shapes.get(key) if 'shapes' in d else None
+    need(value is None or value >= 1, f'data.shapes.{key} must be >= 1, got {value!r}')
   need(0.0 <= d.hflip_prob <= 1.0, f'data.hflip_prob must be in [0, 1], got {d.hflip_prob}')
   need(d.num_workers >= 0, f'data.num_workers must be >= 0, got {d.num_workers}')
   need(config.model.compute_dtype in ('float32', 'bfloat16'),

@@ -188,3 +188,28 @@ def test_fill_colours_stand_out_from_what_lies_under_them(background):
     c = shapes._distinct_colour(rng, under).astype(np.float64)
     near = np.linalg.norm(under.astype(np.float64) - c, axis=1) < shapes._SIMILAR_DISTANCE
     assert near.mean() <= shapes._MAX_SIMILAR
+
+
+
+def _generated_counts(tmp_path, **shapes_config) -> list[int]:
+  """Visible instances in the train and val splits that `prepare_datasets` generates from the tiny config."""
+  from configs import tiny
+  from retinamask_jax.train import datasets
+
+  c = tiny.get_config()
+  c.data.shapes.num_train = c.data.shapes.num_val = 12
+  c.data.shapes.update(shapes_config)
+  train, val = datasets.prepare_datasets(c, str(tmp_path))
+  return [sum(len(r.boxes) for r in d.records) for d in (train, val)]
+
+
+def test_config_mean_objects_sets_both_splits_and_train_mean_objects_the_train_split(tmp_path):
+  """`data.shapes.mean_objects` is how many shapes each generated image draws on average, in both splits;
+  `train_mean_objects`, when set, overrides it for the train split alone (the same val bytes)."""
+  sparse = _generated_counts(tmp_path / 'a', mean_objects=2.0)
+  dense = _generated_counts(tmp_path / 'b', mean_objects=8.0)
+  assert dense[0] > 1.5 * sparse[0] and dense[1] > 1.5 * sparse[1], (sparse, dense)
+  dense_train = _generated_counts(tmp_path / 'c', mean_objects=2.0, train_mean_objects=8.0)
+  assert dense_train == [dense[0], sparse[1]], (sparse, dense, dense_train)
+  with open(os.path.join(str(tmp_path / 'c'), 'data', 'shapes', 'val', 'images', '..', 'instances.json')) as f:
+    assert json.load(f)['info']['mean_objects'] == 2.0

@@ -350,6 +350,7 @@ def _set(c, key, value):
     ('train.nonfinite', 'ignore', r"^train\.nonfinite must be 'skip' or 'stop'"),
     ('checkpoint.every_steps', 0, r'^checkpoint\.every_steps must be >= 1'),
     ('train.batch_size', 0, r'^train\.batch_size must be >= 1'),
+    ('data.shapes.train_mean_objects', 0.5, r'^data\.shapes\.train_mean_objects must be >= 1, got 0\.5'),
 ])
 def test_bad_config_is_rejected_naming_the_key_before_anything_runs(tmp_path, key, value, message):
   c = _config()

@@ -30,11 +30,15 @@ def prepare_datasets(
   if not d.train_json:
     root = os.path.join(workdir, 'data', 'shapes')
     s = d.shapes
+    # .get: configs written before the keys existed (a checkpoint's saved config) keep the generator's default.
+    mean_objects = float(s.get('mean_objects', 3.5))
+    train_mean = s.get('train_mean_objects')
     train_json, train_images = shapes_lib.write_shapes_dataset(
-        root, 'train', s.num_train, image_size=tuple(s.image_size), seed=s.seed
+        root, 'train', s.num_train, image_size=tuple(s.image_size), seed=s.seed,
+        mean_objects=mean_objects if train_mean is None else float(train_mean),
     )
     val_json, val_images = shapes_lib.write_shapes_dataset(
-        root, 'val', s.num_val, image_size=tuple(s.image_size), seed=s.seed + 1
+        root, 'val', s.num_val, image_size=tuple(s.image_size), seed=s.seed + 1, mean_objects=mean_objects
     )
   else:
     train_json, train_images = d.train_json, d.train_images
