@@ -145,6 +145,12 @@ def get_config() -> ml_collections.ConfigDict:
   # distinct canvases mean more compiled programs.
   c.data.canvas_multiple = 128
   c.data.hflip_prob = 0.5
+  # Copy-paste augmentation (retinamask_jax/data/copy_paste.py): with probability `prob` a training image gets the
+  # instances of another training image of its orientation group pasted onto it at their own training scale;
+  # instances left with less than `min_visible` of their pixels are dropped. 0 = off (the authors' recipe).
+  c.data.copy_paste = ml_collections.ConfigDict()
+  c.data.copy_paste.prob = 0.0
+  c.data.copy_paste.min_visible = 0.5
   # Normalization: x = (pixel * pixel_range / 255 - mean) / std, channels in channel_order.
   c.data.channel_order = 'bgr'
   c.data.pixel_range = 255.0

@@ -62,6 +62,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     value = d.shapes.get(key) if 'shapes' in d else None
     need(value is None or value >= 1, f'data.shapes.{key} must be >= 1, got {value!r}')
   need(0.0 <= d.hflip_prob <= 1.0, f'data.hflip_prob must be in [0, 1], got {d.hflip_prob}')
+  paste = d.get('copy_paste', {})
+  need(0.0 <= paste.get('prob', 0.0) <= 1.0, f"data.copy_paste.prob must be in [0, 1], got {paste.get('prob')}")
+  need(0.0 < paste.get('min_visible', 0.5) <= 1.0,
+       f"data.copy_paste.min_visible must be in (0, 1], got {paste.get('min_visible')}")
   need(d.num_workers >= 0, f'data.num_workers must be >= 0, got {d.num_workers}')
   need(config.model.compute_dtype in ('float32', 'bfloat16'),
        f"model.compute_dtype must be 'float32' or 'bfloat16', got {config.model.compute_dtype!r}")

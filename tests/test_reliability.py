@@ -351,6 +351,8 @@ def _set(c, key, value):
     ('checkpoint.every_steps', 0, r'^checkpoint\.every_steps must be >= 1'),
     ('train.batch_size', 0, r'^train\.batch_size must be >= 1'),
     ('data.shapes.train_mean_objects', 0.5, r'^data\.shapes\.train_mean_objects must be >= 1, got 0\.5'),
+    ('data.copy_paste.prob', 1.5, r'^data\.copy_paste\.prob must be in \[0, 1\], got 1\.5'),
+    ('data.copy_paste.min_visible', 0.0, r'^data\.copy_paste\.min_visible must be in \(0, 1\], got 0\.0'),
 ])
 def test_bad_config_is_rejected_naming_the_key_before_anything_runs(tmp_path, key, value, message):
   c = _config()

@@ -8,7 +8,8 @@ follow each other forever); process p of P reads only rows [p * B / P, (p + 1) *
 global batch, so all processes agree on the canvas of every step. The state to checkpoint is the
 next global batch index: `make_train_iterator(..., start_index=k)` yields exactly the stream that
 the original iterator yields from batch k on. Flips come from an RNG keyed on (seed, batch index,
-row), so they are the same after a resume and for any number of workers. (If the dataset is smaller
+row), so they are the same after a resume and for any number of workers; so do copy-paste's draws
+(`data.copy_paste.prob`, `copy_paste.py`: another image of the group pasted onto a row). (If the dataset is smaller
 than one global batch in both groups, each group is instead cut with wrap-around, so that tiny
 datasets still train.)
 
@@ -60,6 +61,7 @@ import ml_collections
 import numpy as np
 from absl import flags
 
+from retinamask_jax.data import copy_paste
 from retinamask_jax.data import transforms as T
 from retinamask_jax.data.coco import CocoDataset, ImageRecord
 
@@ -135,6 +137,8 @@ class _Settings:
   seed: int
   resize: str = 'pil'  # data.resize: transforms.RESIZE_MODES
   canvas_multiple: int = 128  # data.canvas_multiple
+  copy_paste_prob: float = 0.0  # data.copy_paste.prob
+  copy_paste_min_visible: float = 0.5  # data.copy_paste.min_visible
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> _Settings:
@@ -152,6 +156,8 @@ class _Settings:
       seed=int(config.seed if d.get('seed') is None else d.seed),
       resize=str(d.get('resize', 'pil')),
       canvas_multiple=int(d.get('canvas_multiple', 128)),
+      copy_paste_prob=float(d.get('copy_paste', {}).get('prob', 0.0)),
+      copy_paste_min_visible=float(d.get('copy_paste', {}).get('min_visible', 0.5)),
     )
 
   def resized_hw(self, height: int, width: int, min_size: int) -> tuple[int, int]:
@@ -404,6 +410,10 @@ class TrainPlan:
     """The flip decision of row `row` (of the global batch) of global batch `index`."""
     return bool(np.random.default_rng([self.seed, 0xF11B, int(index), int(row)]).random() < prob)
 
+  def paste_rng(self, index: int, row: int) -> np.random.Generator:
+    """The copy-paste draws (whether, which source, where) of row `row` of global batch `index`."""
+    return np.random.default_rng([self.seed, 0xC0B7, int(index), int(row)])
+
 
 class _TrainBatch:
   """grain map function: global batch index -> this process's batch dict (picklable)."""
@@ -449,6 +459,26 @@ class _TrainBatch:
       f'(starting at {self.records[int(planned.records[row])].file_name}); check data.train_images'
     )
 
+  def _copy_paste(
+    self, planned: _PlannedBatch, index: int, row: int, record: ImageRecord, image: np.ndarray
+  ) -> tuple[ImageRecord, np.ndarray]:
+    """With probability `copy_paste_prob`, pastes the instances of a random other image of the row's orientation
+    group onto it (`copy_paste.paste`); an unreadable source means no paste this time."""
+    rng = self.plan.paste_rng(index, row)
+    if rng.random() >= self.settings.copy_paste_prob:
+      return record, image
+    r = int(planned.group[rng.integers(len(planned.group))])
+    source = self.records[r]
+    if r in self.bad or source is record:
+      return record, image
+    try:
+      source_image = load_record_image(source)
+    except T.DataError as e:
+      self.bad.add(r)
+      T.report_once('unreadable_image', source.file_name, '%s; not pasted', e)
+      return record, image
+    return copy_paste.paste(record, image, source, source_image, rng, min_visible=self.settings.copy_paste_min_visible)
+
   def __call__(self, index: int) -> dict[str, np.ndarray]:
     s = self.settings
     planned = self.plan.batch(index)
@@ -457,6 +487,8 @@ class _TrainBatch:
     out = _empty_batch(len(self.rows), canvas, s, with_targets=True)
     for j, row in enumerate(self.rows):
       record, image = self._readable(planned, row)
+      if s.copy_paste_prob > 0:
+        record, image = self._copy_paste(planned, index, row, record, image)
       flip = self.plan.flip(index, row, s.hflip_prob)
       _fill_row(out, j, record, image, canvas, min_size, flip, s, with_targets=True)
     out['index'] = np.asarray(index, np.int64)

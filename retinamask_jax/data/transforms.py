@@ -463,7 +463,7 @@ def _bilinear_integral(integral: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> 
   return a * (1 - fy) * (1 - fx) + b * (1 - fy) * fx + c * fy * (1 - fx) + d * fy * fx
 
 
-def _crop_window(box: np.ndarray, height: int, width: int) -> tuple[int, int, int, int]:
+def crop_window(box: np.ndarray, height: int, width: int) -> tuple[int, int, int, int]:
   """Integer pixel window [x0, x1) x [y0, y1) covering the continuous box, inside the image."""
   x0 = min(max(int(math.floor(box[0])), 0), width)
   y0 = min(max(int(math.floor(box[1])), 0), height)
@@ -489,11 +489,21 @@ def _full_polygon_mask(seg: Any, height: int, width: int) -> np.ndarray:
   return mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(polys, height, width)))
 
 
+def full_mask(seg: Any, height: int, width: int) -> np.ndarray:
+  """An instance's segmentation (polygons, RLE or an array, as in `masks_to_crops`) over the whole image:
+  uint8 [height, width]."""
+  return _window_mask(seg, (0, 0, width, height), height, width)
+
+
 def _window_mask(
   seg: Any, window: tuple[int, int, int, int], height: int, width: int
 ) -> np.ndarray:
   """The instance mask restricted to the pixel window, uint8 [y1 - y0, x1 - x0]."""
   x0, y0, x1, y1 = window
+  if isinstance(seg, np.ndarray):
+    if seg.shape != (height, width):
+      raise ValueError(f'mask array of shape {seg.shape} for a {height}x{width} image')
+    return seg[y0:y1, x0:x1].astype(np.uint8, copy=False)
   if _is_polygons(seg) and height * width <= _FULL_DECODE_MAX_PIXELS:
     return _full_polygon_mask(seg, height, width)[y0:y1, x0:x1]
   if _is_polygons(seg):
@@ -533,7 +543,8 @@ def masks_to_crops(
 
   segmentations: per instance, COCO polygons (a list of flat [x0, y0, x1, y1, ...] lists or arrays,
   >= 3 points each), an RLE dict (`counts` compressed str/bytes or an uncompressed list, `size` [h,
-  w]), or None (no mask: the filled box; so are polygon lists without a valid polygon).
+  w]), a bool / uint8 array [height, width] (copy-paste's masks), or None (no mask: the filled box; so
+  are polygon lists without a valid polygon).
   boxes: `[n, 4]` float32 continuous xyxy in the original `height x width` image.
 
   Sampling rule (area resampling): crop cell (i, j) is the rectangle
@@ -555,7 +566,7 @@ def masks_to_crops(
     if seg is None:
       out[k] = 1
       continue
-    window = _crop_window(box, height, width)
+    window = crop_window(box, height, width)
     x0, y0, x1, y1 = window
     if x1 <= x0 or y1 <= y0:
       continue
