@@ -5,7 +5,10 @@ full-size targets (max_instances 100, mask crops 112 x 112). Two scales: the aut
 (canvas 896 x 1408) and a 512 x 853 one (canvas 512 x 896). Each measurement takes the first batch
 (worker start-up, spawn + imports) apart and reports the steady rate over the following batches.
 
-  python bench/bench_pipeline.py [--workers 0,1,2] [--batches 12] [--batch_size 8]
+  python bench/bench_pipeline.py [--workers 0,1,2] [--batches 12] [--batch_size 8] [--copy_paste 0,1]
+
+--copy_paste: the `data.copy_paste.prob` values to measure (each another row), e.g. what copy-paste augmentation
+adds to the host's work per image.
 
 Prints a table and writes bench/results/pipeline.json (with the machine's CPU count: the rate
 scales with the cores the workers get).
@@ -32,8 +35,9 @@ from retinamask_jax.data import coco, pipeline, shapes  # noqa: E402
 SCALES = {'800x1333': (800, 1333), '512x853': (512, 853)}
 
 
-def _config(min_size: int, max_size: int):
+def _config(min_size: int, max_size: int, copy_paste: float = 0.0):
   c = base.get_config()
+  c.data.copy_paste.prob = copy_paste
   c.data.min_sizes = (min_size,)
   c.data.max_size = max_size
   c.data.crowd = 'drop'
@@ -66,6 +70,7 @@ def measure(dataset, config, *, batch_size: int, workers: int, batches: int) -> 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--workers', default='0,1,2')
+  parser.add_argument('--copy_paste', default='0', help='data.copy_paste.prob values, comma-separated')
   parser.add_argument('--batches', type=int, default=12)
   parser.add_argument('--batch_size', type=int, default=8)
   parser.add_argument('--num_images', type=int, default=200)
@@ -84,21 +89,23 @@ def main() -> None:
 
   rows = []
   for scale, (min_size, max_size) in SCALES.items():
-    config = _config(min_size, max_size)
-    for workers in (int(w) for w in args.workers.split(',')):
-      r = measure(
-        dataset, config, batch_size=args.batch_size, workers=workers, batches=args.batches
-      )
-      r['scale'] = scale
-      rows.append(r)
-      print(f'  {scale:>9}  workers={workers}  {r["images_per_s"]:7.2f} img/s   '
-            f'(first batch {r["first_batch_s"]:.2f} s, canvas {r["canvas"]})', flush=True)
+    for prob in (float(p) for p in args.copy_paste.split(',')):
+      config = _config(min_size, max_size, prob)
+      for workers in (int(w) for w in args.workers.split(',')):
+        r = measure(
+          dataset, config, batch_size=args.batch_size, workers=workers, batches=args.batches
+        )
+        r['scale'] = scale
+        r['copy_paste'] = prob
+        rows.append(r)
+        print(f'  {scale:>9}  copy_paste={prob}  workers={workers}  {r["images_per_s"]:7.2f} img/s   '
+              f'(first batch {r["first_batch_s"]:.2f} s, canvas {r["canvas"]})', flush=True)
 
   print()
-  print('| scale | canvas | workers | images/s | first batch (s) |')
-  print('|---|---|---|---|---|')
+  print('| scale | canvas | copy-paste prob | workers | images/s | first batch (s) |')
+  print('|---|---|---|---|---|---|')
   for r in rows:
-    print(f'| {r["scale"]} | {r["canvas"][0]}x{r["canvas"][1]} | {r["workers"]} | '
+    print(f'| {r["scale"]} | {r["canvas"][0]}x{r["canvas"][1]} | {r["copy_paste"]} | {r["workers"]} | '
           f'{r["images_per_s"]} | {r["first_batch_s"]} |')
   result = {
     'benchmark': 'training input pipeline',

@@ -16,10 +16,23 @@ by max(num_pos, 1) each (one image), so cls_weight = (P + 1) / P and box_weight 
 
 Gradients are judged against torchvision run in float64: per tensor, err(g) = max |g - g64| / max |g64|. Ours must
 be within a small multiple of torchvision float32's own err (see GRAD_FACTOR for why it may exceed it).
+
+Both networks run with SiLU where they have ReLU (`smooth_activation`: flax.linen.relu and torch's
+functional.relu, which nn.ReLU calls). ReLU's derivative jumps at 0: a pre-activation within float32 rounding of 0
+falls on one side in one program and on the other in a program that sums in another order (or in float64), and that
+one unit then moves the gradient of every layer below it. Such a flip is not an error of either program, yet it
+decides these comparisons. Measured on R18-FPN 256 x 256 (2026-12-08, 2 AMD EPYC cores without AVX-512): ours in
+float32 against the same program in float64 is off by 3.4e-3 on the head's cls_tower_1 bias, all of it in one
+channel (226; the other 255 channels within 3.2e-7), and by ~1e-3 on everything below it on the P4 path (FPN
+lateral4 / output4, backbone res3-res5), the same pattern against torchvision float64; on the 2026-12-07 machine
+(AVX-512) the same test had no flip and passed with ReLU. With SiLU the worst tensor is 3.6e-6 (torchvision float32
+2.0e-5) and the worst ratio to torchvision float32 1.8. ReLU's forward pass is held to torchvision's by
+tests/test_predict_parity.py (detections to 1e-3 px).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 
@@ -49,6 +62,8 @@ NUM_CLASSES = 5
 # parameters move by up to ~1e-2 of their magnitude and all three sides stay within ~1e-5 of each other.
 LR = 1e-4
 STEPS = 3
+DETECTION_THRESHOLD = 1e-3
+DETECTIONS_COMPARED = 50
 
 
 @dataclasses.dataclass
@@ -163,6 +178,21 @@ def to_ours(state_dict_like: dict[str, np.ndarray], reference_sd: dict[str, np.n
   return tvc.retinanet_variables(sd)['params']
 
 
+@contextlib.contextmanager
+def smooth_activation():
+  """SiLU in place of ReLU on both sides while the context is open (see the module docstring)."""
+  import flax.linen as nn
+
+  relu, torch_relu = nn.relu, torch.nn.functional.relu
+  nn.relu = jax.nn.silu
+  torch.nn.functional.relu = lambda x, inplace=False: torch.nn.functional.silu(x)
+  try:
+    yield
+  finally:
+    nn.relu, torch.nn.functional.relu = relu, torch_relu
+    jax.clear_caches()  # nothing traced with SiLU outlives the context
+
+
 def relative(a, b) -> float:
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
@@ -270,14 +300,18 @@ def run(depth: int, size: int) -> dict:
         float(moved / scale))
   out['params'] = param_rows
 
-  # ---- detections after the steps
+  # ---- detections after the steps: torchvision's best DETECTIONS_COMPARED, each to be found among ours. The steps
+  # lower most scores (and SiLU spreads them less than ReLU did), so both sides keep everything above 1e-3 (at most
+  # 100 per image) rather than 0.05; comparing only torchvision's top ones keeps a near-tie at its 100th place out.
   model.eval()
   model64.eval()
+  model.score_thresh = model64.score_thresh = DETECTION_THRESHOLD
+  c.postprocess.score_threshold = DETECTION_THRESHOLD
   with torch.no_grad():
     want = model([torch.from_numpy(s.image).permute(2, 0, 1)])[0]
     want64 = model64([torch.from_numpy(s.image).permute(2, 0, 1).double()])[0]
-  want = {k: v.numpy() for k, v in want.items()}
-  want64 = {k: v.numpy() for k, v in want64.items()}
+  want = {k: v.numpy()[:DETECTIONS_COMPARED] for k, v in want.items()}  # torchvision sorts by score
+  want64 = {k: v.numpy()[:DETECTIONS_COMPARED] for k, v in want64.items()}
 
   @jax.jit
   def detect(params, x):
@@ -349,7 +383,8 @@ def check_after_steps(out: dict) -> None:
 
 
 def test_resnet18_fpn_training_matches_torchvision():
-  out = run(18, 256)
+  with smooth_activation():
+    out = run(18, 256)
   report(out, 'R18-FPN 256x256')
   check_first_step(out)
   check_after_steps(out)
@@ -357,7 +392,8 @@ def test_resnet18_fpn_training_matches_torchvision():
 
 @pytest.fixture(scope='module')
 def r50() -> dict:
-  out = run(50, 768)
+  with smooth_activation():
+    out = run(50, 768)
   report(out, 'R50-FPN 768x768')
   return out
 
