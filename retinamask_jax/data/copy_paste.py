@@ -11,6 +11,10 @@ with less than `min_visible` of its pixels is dropped (as the shapes generator d
 Pasted instances cut by the destination's border obey the same rule. Crowd regions are not pasted and keep
 their place in the destination (they are ignore regions, not objects).
 
+Cost: masks are handled over the whole image, one bool plane per instance of either image (~10 ms per image of
+256-384 px, ~35 ms at 480 x 640 with ~7 instances each; memory instances x pixels, e.g. 30 MB for 100 instances of a
+640 x 480 image). Working on the pasted window only is the next step for large photos.
+
 Everything here is a pure function of its inputs and the numpy Generator it is given: the pipeline keys that
 Generator on (seed, batch index, row), so pasting is the same after a resume and for any number of workers or
 processes.
