@@ -125,8 +125,7 @@ def paste(
   keep = (after > 0) & (after >= min_visible * np.maximum(before, 1))
   # Untouched destination instances keep their own boxes and segmentations (a COCO box may be looser than its
   # mask); the others are described by what is left of their masks.
-  touched = np.concatenate([dst_before != dst_masks.sum((1, 2)),
-                            np.ones(len(pasted), bool)])
+  touched = np.concatenate([dst_before != after[: len(dst_masks)], np.ones(len(pasted), bool)])
   boxes = np.where(touched[:, None], mask_boxes(masks), np.concatenate([dst.boxes, np.zeros_like(src.boxes)]))
   segs: list[Any] = [masks[k] if touched[k] else dst.segmentations[k] for k in range(len(dst.boxes))]
   segs += list(pasted)
